@@ -1,0 +1,1 @@
+"""Built-in state learners, each registered through the `agentstate` entry-point group."""
