@@ -89,11 +89,13 @@ def discounted_returns_backward(cumulants: ArrayLike, discounts: ArrayLike) -> n
     Raises:
         ValueError: if the shapes are not [T] or [T, B], differ, or a discount is outside
             [0, 1].
+
     """
     cumulant_array = np.asarray(cumulants, dtype=np.float64)
     if cumulant_array.ndim not in (1, 2):
         raise ValueError(
-            f"cumulants must have shape [T] or [T, B]; got shape {_shape_text(cumulant_array.shape)}"
+            "cumulants must have shape [T] or [T, B]; "
+            f"got shape {_shape_text(cumulant_array.shape)}"
         )
     discount_array = _float64_array("discounts", discounts, cumulant_array.shape)
     _check_discounts("discounts", discount_array)
@@ -114,6 +116,7 @@ class ScoredEpisode:
             from 0) of the episode's first step.
         returns: G_t for each step of the episode, shape [n_steps].
         squared_errors: predictor name -> (prediction_t - G_t)², shape [n_steps] each.
+
     """
 
     stream: int
@@ -167,6 +170,7 @@ class EpisodeReturnScorer:
         n_streams: number of streams B.
         predictor_names: names of the predictors scored together, e.g. the learner,
             predict-zero and a running mean of the cumulant.
+
     """
 
     _initial_capacity = 1024
@@ -221,6 +225,7 @@ class EpisodeReturnScorer:
         Raises:
             ValueError: if a key is missing or extra, a shape is not [B], or a discount is
                 outside [0, 1].
+
         """
         if set(predictions) != set(self.predictor_names):
             raise ValueError(
@@ -313,6 +318,7 @@ class SlidingMean:
     Args:
         window: number of most recent values averaged.
         shape: shape of one value, e.g. ``(B,)`` for one mean per stream; ``()`` for scalars.
+
     """
 
     def __init__(self, window: int, shape: int | tuple[int, ...] = ()) -> None:
@@ -346,6 +352,7 @@ class SlidingMean:
 
         Raises:
             ValueError: if the shape is not ``shape``.
+
         """
         value = _float64_array("values", values, self.shape)
         # Unfilled slots hold 0, so subtracting them while filling up is harmless.
@@ -365,6 +372,7 @@ class SlidingMean:
 
         Raises:
             ValueError: if the shape is not [n, *shape].
+
         """
         batch = np.asarray(values, dtype=np.float64)
         if batch.ndim != 1 + len(self.shape) or batch.shape[1:] != self.shape:
@@ -415,6 +423,7 @@ def mean_and_standard_error(values: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
 
     Raises:
         ValueError: if ``values`` is not two-dimensional.
+
     """
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 2:

@@ -21,7 +21,10 @@ from agentstate import hookspecs
 from agentstate.learner import StateLearner
 
 ENTRY_POINT_GROUP = "agentstate"
-BUILTIN_PLUGINS = {"columnar": "agentstate.plugins.columnar"}
+BUILTIN_PLUGINS = {
+    name: f"agentstate.plugins.{name}"
+    for name in ("columnar", "ccn", "elstm", "tbptt", "uoro", "rtrl", "snap1")
+}
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,12 @@ class LearnerRegistry:
             self._register(plugin, entry_point.name, distribution)
         for name, module_name in BUILTIN_PLUGINS.items():
             if self.plugin_manager.get_plugin(name) is None:
-                self._register(importlib.import_module(module_name), name, "agentstate")
+                try:
+                    plugin = importlib.import_module(module_name)
+                except Exception as error:
+                    self._report(name, "agentstate", error)
+                    continue
+                self._register(plugin, name, "agentstate")
         self.plugin_manager.check_pending()
 
     def _register(self, plugin: Any, name: str, distribution: str) -> None:

@@ -1,0 +1,63 @@
+"""Optimisers for TD updates; each follows ``torch.optim``'s convention (``p.grad`` = -update)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("sgd", "rmsprop_td", "adam")
+
+
+class TDRMSProp(torch.optim.Optimizer):
+    """The authors' RMSProp-style normaliser, without momentum (background §2).
+
+    With ``g = -p.grad`` (the TD update direction ``delta * trace``)::
+
+        v <- beta v + (1 - beta) g^2          (v starts at 1, not 0)
+        p <- p + lr g / (sqrt(v) + eps)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        beta: float = 0.9999,
+        eps: float = 1e-8,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"step size must be >= 0, got {lr!r}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must lie in [0, 1), got {beta!r}")
+        super().__init__(params, {"lr": lr, "beta": beta, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """Apply one update to every parameter with a gradient."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "second_moment" not in state:
+                    state["second_moment"] = torch.ones_like(param)
+                second_moment = state["second_moment"]
+                second_moment.mul_(group["beta"]).addcmul_(
+                    param.grad, param.grad, value=1.0 - group["beta"]
+                )
+                param.addcdiv_(
+                    param.grad, second_moment.sqrt().add_(group["eps"]), value=-group["lr"]
+                )
+
+
+def make_optimizer(name: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """Build ``sgd``, ``rmsprop_td`` or ``adam`` over ``param_groups`` (each with its ``lr``)."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"])
+    if name == "rmsprop_td":
+        return TDRMSProp(param_groups, lr=param_groups[0]["lr"])
+    if name == "adam":
+        return torch.optim.Adam(param_groups, lr=param_groups[0]["lr"])
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,329 @@
+"""Online TD(lambda) prediction over a learned agent state.
+
+One step of the engine, per stream ``b`` and cumulant ``k`` (background §2)::
+
+    x^    = normalize(x_t)                       (optional, online)
+    h_t   = learner.step(x^)
+    phi_t = [normalize(h_t), x^ (optional), 1]   (head features, F of them)
+    y_t   = W_k . phi_t
+    delta = c_t + gamma_t y_t - y_t-1            (0 for a stream's first step after a reset)
+    theta <- theta + step * delta * trace        (trace from the previous step; via optimiser)
+    trace <- gamma_t lambda trace + d y_t / d theta
+
+``d y_t / d theta`` for the learner's parameters is ``learner.grad(W_k[:n] / std_h)``, the
+learner's own online estimate; for the head it is ``phi_t``. With shared parameters
+(``[1, ...]``) the per-stream updates are averaged; with independent ones each stream
+updates its own copy. ``gamma_t = 0`` marks the end of an episode: no bootstrapping across it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agentstate.learner import StateLearner
+from agentstate.normalization import OnlineNormalizer
+from agentstate.optim import OPTIMIZERS, make_optimizer
+
+
+@dataclass(frozen=True)
+class TDConfig:
+    """Hyper-parameters of the TD(lambda) engine (defaults: JMLR 2023 trace patterning)."""
+
+    gamma: float = 0.9
+    """Discount of the predicted return (overridable per step and stream)."""
+    lambda_: float = 0.99
+    """Trace decay."""
+    step_size: float = 0.01
+    """Step size of the learner's parameters."""
+    head_step_size: float | None = None
+    """Step size of the linear heads; None: step_size / number of head features (authors)."""
+    optimizer: str = "rmsprop_td"
+    """``sgd``, ``rmsprop_td`` (the authors' normaliser) or ``adam``."""
+    include_observation: bool = False
+    """Heads also see the (normalised) observation, not only the agent state."""
+    include_bias: bool = True
+    """Heads have a bias feature."""
+    normalize_inputs: bool = True
+    """Normalise the observation online before the learner sees it."""
+    normalize_features: bool = True
+    """Normalise the agent state online before the heads see it."""
+    normalization_decay: float = 0.99999
+    """EMA decay of the running means and variances (1 disables normalisation)."""
+    variance_floor: float = 0.01
+    """Lower bound on running variances (the authors' std_cap)."""
+    train_learner: bool = True
+    """Update the learner's parameters (False: only the heads learn)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
+        if not 0.0 <= self.lambda_ <= 1.0:
+            raise ValueError(f"lambda_ must lie in [0, 1], got {self.lambda_!r}")
+        if not self.step_size >= 0.0:
+            raise ValueError(f"step_size must be >= 0, got {self.step_size!r}")
+        if self.head_step_size is not None and not self.head_step_size >= 0.0:
+            raise ValueError(f"head_step_size must be >= 0, got {self.head_step_size!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}"
+            )
+
+
+class TDPredictor:
+    """Predicts ``n_cumulants`` discounted sums of cumulants from a learner's agent state.
+
+    Example:
+        >>> import torch, agentstate
+        >>> from agentstate.td import TDConfig, TDPredictor
+        >>> learner = agentstate.make_learner("columnar", 12, streams=4, seed=0)
+        >>> predictor = TDPredictor(learner, n_cumulants=1, config=TDConfig(gamma=0.9))
+        >>> prediction = predictor.step(torch.zeros(4, 12), torch.zeros(4, 1))
+        >>> tuple(prediction.shape)
+        (4, 1)
+    """
+
+    def __init__(
+        self, learner: StateLearner, n_cumulants: int = 1, config: TDConfig | None = None
+    ) -> None:
+        if not isinstance(n_cumulants, int) or n_cumulants < 1:
+            raise ValueError(f"n_cumulants must be a positive int, got {n_cumulants!r}")
+        self.learner = learner
+        config = config or TDConfig()
+        self.config = config
+        self.n_cumulants = n_cumulants
+        streams, dtype, device = learner.streams, learner.dtype, learner.device
+        param_streams = learner.param_streams
+        self.n_head_features = (
+            learner.n_features
+            + (learner.input_size if self.config.include_observation else 0)
+            + (1 if self.config.include_bias else 0)
+        )
+        self.input_normalizer = self._normalizer(learner.input_size, config.normalize_inputs)
+        self.feature_normalizer = self._normalizer(learner.n_features, config.normalize_features)
+        self.head_weight = torch.zeros(
+            param_streams, n_cumulants, self.n_head_features, dtype=dtype, device=device
+        )
+        self.head_trace = torch.zeros(
+            streams, n_cumulants, self.n_head_features, dtype=dtype, device=device
+        )
+        self.previous_prediction = torch.zeros(streams, n_cumulants, dtype=dtype, device=device)
+        self.has_previous = torch.zeros(streams, dtype=torch.bool, device=device)
+        self._learner_params: dict[str, Tensor] = {}
+        self.learner_traces: dict[str, Tensor] = {}
+        self.optimizer: torch.optim.Optimizer = self._build_optimizer()
+
+    # ---------------------------------------------------------------- set-up
+    def _normalizer(self, size: int, enabled: bool) -> OnlineNormalizer:
+        return OnlineNormalizer(
+            size,
+            param_streams=self.learner.param_streams,
+            decay=self.config.normalization_decay if enabled else 1.0,
+            variance_floor=self.config.variance_floor,
+            dtype=self.learner.dtype,
+            device=self.learner.device,
+        )
+
+    @property
+    def head_step_size(self) -> float:
+        """Step size of the heads (default: step_size / number of head features)."""
+        if self.config.head_step_size is not None:
+            return self.config.head_step_size
+        return self.config.step_size / self.n_head_features
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """(Re)bind traces and optimiser to the learner's current ``params``.
+
+        Called at start and whenever the learner replaces its parameter tensors (a
+        constructive learner moving to its next stage); the heads keep their optimiser state.
+        """
+        learner = self.learner
+        self._learner_params = dict(learner.params)
+        self.learner_traces = {
+            key: torch.zeros(
+                self.n_cumulants, learner.streams, *param.shape[1:],
+                dtype=learner.dtype, device=learner.device,
+            )
+            for key, param in self._learner_params.items()
+        }
+        groups: list[dict[str, Any]] = [{"params": [self.head_weight], "lr": self.head_step_size}]
+        if self.config.train_learner and self._learner_params:
+            groups.append(
+                {"params": list(self._learner_params.values()), "lr": self.config.step_size}
+            )
+        optimizer = make_optimizer(self.config.optimizer, groups)
+        previous = getattr(self, "optimizer", None)
+        if previous is not None and self.head_weight in previous.state:
+            optimizer.state[self.head_weight] = previous.state[self.head_weight]
+        return optimizer
+
+    def _learner_params_changed(self) -> bool:
+        current = self.learner.params
+        return current.keys() != self._learner_params.keys() or any(
+            current[key] is not self._learner_params[key] for key in current
+        )
+
+    # ---------------------------------------------------------------- the step
+    def step(
+        self,
+        observation: Tensor,
+        cumulant: Tensor,
+        *,
+        discount: Tensor | float | None = None,
+        episode_start: Tensor | None = None,
+    ) -> Tensor:
+        """Advance every stream by one observation and learn from the TD error.
+
+        Args:
+            observation: ``[B, input_size]``, the learner's dtype.
+            cumulant: ``[B, n_cumulants]``, the cumulant that arrived with ``observation``.
+            discount: continuation ``gamma_t`` of the transition into ``observation``:
+                a float or ``[B]`` tensor; 0 where ``observation`` ends an episode.
+                Default ``config.gamma``.
+            episode_start: ``[B]`` bool; these streams start a new episode with this
+                observation: recurrent state, credit memory and traces are reset and no
+                TD error is formed from the previous episode's last prediction.
+
+        Returns:
+            Predictions ``y_t: [B, n_cumulants]``, made before this step's update.
+        """
+        learner = self.learner
+        self._check(observation, "observation", (learner.streams, learner.input_size))
+        self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants))
+        gamma = self._discount(discount)
+        if episode_start is not None:
+            self.reset_streams(episode_start)
+        if self._learner_params_changed():
+            self.optimizer = self._build_optimizer()
+
+        normalized_observation = self.input_normalizer.normalize(observation)
+        self.input_normalizer.update(observation)
+        state = learner.step(normalized_observation)
+        feature_std = self.feature_normalizer.std
+        normalized_state = self.feature_normalizer.normalize(state)
+        self.feature_normalizer.update(state)
+        features = self._head_features(normalized_state, normalized_observation)
+        prediction = (features.unsqueeze(1) * self.head_weight).sum(-1)
+
+        td_error = (cumulant + gamma.unsqueeze(1) * prediction - self.previous_prediction)
+        td_error = td_error * self.has_previous.unsqueeze(1)
+        self._apply_update(td_error)
+
+        trace_decay = (gamma * self.config.lambda_).unsqueeze(1)
+        self.head_trace.mul_(trace_decay.unsqueeze(2)).add_(features.unsqueeze(1))
+        if self.config.train_learner:
+            state_weight = self.head_weight[..., : learner.n_features] / feature_std.unsqueeze(1)
+            for k in range(self.n_cumulants):
+                gradient = learner.grad(state_weight[:, k].expand(learner.streams, -1))
+                for key, trace in self.learner_traces.items():
+                    trace_k = trace[k]
+                    trace_k.mul_(trace_decay.view(-1, *([1] * (trace_k.dim() - 1))))
+                    trace_k.add_(gradient[key])
+
+        self.previous_prediction = prediction
+        self.has_previous.fill_(True)
+        return prediction
+
+    def _apply_update(self, td_error: Tensor) -> None:
+        """Set ``p.grad = -mean_b(delta * trace)`` (or per stream) and step the optimiser."""
+        shared = self.learner.param_streams == 1
+        head_update = td_error.unsqueeze(2) * self.head_trace
+        self.head_weight.grad = -(head_update.mean(0, keepdim=True) if shared else head_update)
+        if self.config.train_learner:
+            for key, param in self._learner_params.items():
+                trace = self.learner_traces[key]
+                weights = td_error.t().reshape(*td_error.t().shape, *([1] * (trace.dim() - 2)))
+                update = (weights * trace).sum(0)
+                param.grad = -(update.mean(0, keepdim=True) if shared else update)
+        with torch.no_grad():
+            self.optimizer.step()
+
+    def _head_features(self, normalized_state: Tensor, normalized_observation: Tensor) -> Tensor:
+        parts = [normalized_state]
+        if self.config.include_observation:
+            parts.append(normalized_observation)
+        if self.config.include_bias:
+            parts.append(torch.ones_like(normalized_state[:, :1]))
+        return torch.cat(parts, dim=1)
+
+    def _discount(self, discount: Tensor | float | None) -> Tensor:
+        learner = self.learner
+        if discount is None:
+            discount = self.config.gamma
+        if isinstance(discount, Tensor):
+            self._check(discount, "discount", (learner.streams,))
+            return discount
+        return torch.full((learner.streams,), float(discount), dtype=learner.dtype,
+                          device=learner.device)
+
+    def reset_streams(self, mask: Tensor) -> None:
+        """Start a new episode on the streams in ``mask: [B] bool``."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (
+            self.learner.streams,
+        ):
+            raise ValueError(
+                f"episode_start must be a bool tensor of shape [{self.learner.streams}]"
+            )
+        if not bool(mask.any()):
+            return
+        self.learner.reset(mask)
+        self.head_trace[mask] = 0.0
+        for trace in self.learner_traces.values():
+            trace[:, mask] = 0.0
+        self.previous_prediction[mask] = 0.0
+        self.has_previous[mask] = False
+
+    def _check(self, tensor: Any, label: str, shape: tuple[int, ...]) -> None:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor of shape {list(shape)}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{label} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.dtype != self.learner.dtype:
+            raise TypeError(
+                f"{label} has dtype {tensor.dtype}; the learner uses {self.learner.dtype}: "
+                f"convert with .to({self.learner.dtype})"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            stream = int((~torch.isfinite(tensor)).nonzero()[0, 0])
+            raise ValueError(
+                f"{label} holds a non-finite value (first in stream {stream}); clean the "
+                "environment's output before the TD engine sees it"
+            )
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Complete engine state: learner, heads, traces, normalisers, optimiser."""
+        return {
+            "config": asdict(self.config),
+            "n_cumulants": self.n_cumulants,
+            "learner": self.learner.state_dict(),
+            "head_weight": self.head_weight.clone(),
+            "head_trace": self.head_trace.clone(),
+            "learner_traces": {k: v.clone() for k, v in self.learner_traces.items()},
+            "previous_prediction": self.previous_prediction.clone(),
+            "has_previous": self.has_previous.clone(),
+            "input_normalizer": self.input_normalizer.state_dict(),
+            "feature_normalizer": self.feature_normalizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict``; a different config or shape is refused."""
+        if state["config"] != asdict(self.config) or state["n_cumulants"] != self.n_cumulants:
+            raise ValueError(
+                "cannot load TD state: it was saved with config "
+                f"{state['config']} and {state['n_cumulants']} cumulant(s), this engine has "
+                f"{asdict(self.config)} and {self.n_cumulants}"
+            )
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer = self._build_optimizer()
+        for name in ("head_weight", "head_trace", "previous_prediction", "has_previous"):
+            getattr(self, name).copy_(state[name])
+        for key, trace in self.learner_traces.items():
+            trace.copy_(state["learner_traces"][key])
+        self.input_normalizer.load_state_dict(state["input_normalizer"])
+        self.feature_normalizer.load_state_dict(state["feature_normalizer"])
+        self.optimizer.load_state_dict(state["optimizer"])

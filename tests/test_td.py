@@ -1,0 +1,155 @@
+"""The TD(lambda) engine against hand-written oracles."""
+
+import pytest
+import torch
+from oracle import bptt_gradient
+
+import agentstate
+from agentstate.td import TDConfig, TDPredictor
+
+STREAMS, INPUTS, COLUMNS = 2, 4, 3
+PLAIN = dict(normalize_inputs=False, normalize_features=False, optimizer="sgd")
+
+
+def make_learner(seed=0, independent=False):
+    return agentstate.make_learner(
+        "columnar", INPUTS, streams=STREAMS, independent_params=independent,
+        dtype=torch.float64, seed=seed, n_features=COLUMNS, init_scale=0.5,
+    )
+
+
+def random_stream(steps, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(steps, STREAMS, INPUTS, generator=generator, dtype=torch.float64)
+    cumulants = torch.rand(steps, STREAMS, 1, generator=generator, dtype=torch.float64)
+    return inputs, cumulants
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
+    """Frozen learner: the heads must do textbook linear TD(lambda), written out per stream."""
+    gamma, lam, alpha, steps = 0.8, 0.7, 0.05, 40
+    config = TDConfig(gamma=gamma, lambda_=lam, step_size=0.0, head_step_size=alpha,
+                      include_observation=True, train_learner=False, **PLAIN)
+    engine = TDPredictor(make_learner(independent=independent), 1, config)
+    twin = make_learner(independent=independent)  # produces the same agent states
+    inputs, cumulants = random_stream(steps)
+    starts = {17: torch.tensor([True, False]), 29: torch.tensor([False, True])}
+    terminal = {16: torch.tensor([0.0, 1.0]), 28: torch.tensor([1.0, 0.0])}
+
+    n_features = COLUMNS + INPUTS + 1
+    weight = torch.zeros(STREAMS, n_features, dtype=torch.float64)
+    trace = torch.zeros_like(weight)
+    previous = torch.zeros(STREAMS, dtype=torch.float64)
+    fresh = [True] * STREAMS
+    for t in range(steps):
+        discount = terminal.get(t, torch.ones(STREAMS)).to(torch.float64) * gamma
+        start = starts.get(t, torch.zeros(STREAMS, dtype=torch.bool))
+        twin.reset(start)
+        h = twin.step(inputs[t])
+        features = torch.cat([h, inputs[t], torch.ones(STREAMS, 1, dtype=torch.float64)], 1)
+        predictions = (features * weight).sum(1)
+        updates = torch.zeros_like(weight)
+        for b in range(STREAMS):
+            if start[b]:
+                trace[b] = 0
+                fresh[b] = True
+            if not fresh[b]:
+                delta = cumulants[t, b, 0] + discount[b] * predictions[b] - previous[b]
+                updates[b] = alpha * delta * trace[b]
+            trace[b] = discount[b] * lam * trace[b] + features[b]
+            fresh[b] = False
+        weight += updates if independent else updates.mean(0, keepdim=True)
+        previous = predictions
+
+        got = engine.step(inputs[t], cumulants[t], discount=discount, episode_start=start)
+        torch.testing.assert_close(got[:, 0], predictions, rtol=1e-12, atol=1e-12)
+    assert weight.abs().max() > 0.01
+
+
+def test_learner_traces_accumulate_exact_gradients():
+    """trace_t = sum_s (gamma lambda)^(t-s) d(w_s . h_s)/d theta, with the BPTT oracle."""
+    gamma, lam, steps = 0.9, 0.8, 12
+    config = TDConfig(gamma=gamma, lambda_=lam, step_size=0.0, head_step_size=0.1, **PLAIN)
+    learner = make_learner()
+    params = {k: p.clone() for k, p in learner.params.items()}
+    engine = TDPredictor(learner, 1, config)
+    inputs, cumulants = random_stream(steps)
+    expected = torch.zeros(STREAMS, *params["weight"].shape[1:], dtype=torch.float64)
+    for t in range(steps):
+        engine.step(inputs[t], cumulants[t])
+        head_on_state = engine.head_weight[0, 0, :COLUMNS].expand(STREAMS, -1)
+        gradient = bptt_gradient(learner, params, inputs[: t + 1], head_on_state)["weight"]
+        expected = gamma * lam * expected + gradient
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(engine.learner_traces["weight"][0], expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(learner.params["weight"], params["weight"])  # step size 0
+
+
+def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
+    config = TDConfig(step_size=0.5, head_step_size=0.0, **PLAIN)
+    engine = TDPredictor(make_learner(), 1, config)
+    inputs, cumulants = random_stream(3)
+    engine.step(inputs[0], cumulants[0])
+    engine.head_weight.fill_(0.3)  # a nonzero head so the next TD error is informative
+    engine.step(inputs[1], cumulants[1])
+    before = engine.learner.params["weight"].clone()
+    trace = engine.learner_traces["weight"][0].clone()
+    prediction_before = engine.previous_prediction.clone()
+    prediction = engine.step(inputs[2], cumulants[2])
+    delta = cumulants[2] + 0.9 * prediction - prediction_before
+    expected = before + 0.5 * (delta.view(STREAMS, 1, 1, 1) * trace).mean(0, keepdim=True)
+    torch.testing.assert_close(engine.learner.params["weight"], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_rmsprop_td_matches_the_authors_normaliser():
+    from agentstate.optim import TDRMSProp
+
+    param = torch.zeros(3, dtype=torch.float64)
+    optimizer = TDRMSProp([param], lr=0.1)
+    second_moment = torch.ones(3, dtype=torch.float64)
+    expected = torch.zeros(3, dtype=torch.float64)
+    for update in ([1.0, -2.0, 0.5], [0.3, 0.0, -4.0]):
+        update = torch.tensor(update, dtype=torch.float64)
+        param.grad = -update
+        optimizer.step()
+        second_moment = 0.9999 * second_moment + 1e-4 * update**2
+        expected = expected + 0.1 * update / (second_moment.sqrt() + 1e-8)
+    torch.testing.assert_close(param, expected)
+
+
+@pytest.mark.parametrize(("optimizer", "head_step_size"),
+                         [("sgd", 0.05), ("rmsprop_td", 0.05), ("adam", 0.003)])
+def test_every_optimizer_learns_a_constant_cumulant(optimizer, head_step_size):
+    engine = TDPredictor(make_learner(), 1, TDConfig(
+        gamma=0.5, step_size=0.001, head_step_size=head_step_size, optimizer=optimizer))
+    x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
+    c = torch.ones(STREAMS, 1, dtype=torch.float64)
+    for _ in range(3000):
+        prediction = engine.step(x, c)
+    torch.testing.assert_close(prediction, torch.full_like(prediction, 2.0), atol=0.05, rtol=0)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    engine = TDPredictor(make_learner(), 1, TDConfig())
+    x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cumulant must have shape"):
+        engine.step(x, torch.zeros(STREAMS, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        engine.step(x.float(), torch.zeros(STREAMS, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-finite"):
+        engine.step(x, torch.full((STREAMS, 1), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="optimizer"):
+        TDConfig(optimizer="lbfgs")
+
+
+def test_state_dict_round_trip_continues_identically():
+    inputs, cumulants = random_stream(20)
+    first = TDPredictor(make_learner(), 1, TDConfig())
+    for t in range(10):
+        first.step(inputs[t], cumulants[t])
+    second = TDPredictor(make_learner(seed=5), 1, TDConfig())
+    second.load_state_dict(first.state_dict())
+    for t in range(10, 20):
+        torch.testing.assert_close(second.step(inputs[t], cumulants[t]),
+                                   first.step(inputs[t], cumulants[t]), rtol=0, atol=0)
