@@ -18,6 +18,7 @@ updates its own copy. ``gamma_t = 0`` marks the end of an episode: no bootstrapp
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -307,7 +308,7 @@ class TDPredictor:
             "has_previous": self.has_previous.clone(),
             "input_normalizer": self.input_normalizer.state_dict(),
             "feature_normalizer": self.feature_normalizer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
