@@ -77,10 +77,12 @@ class LearnerRegistry:
 
     # ---------------------------------------------------------------- loading
     def _load_plugins(self) -> None:
+        seen: set[str] = set()
         for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             distribution = entry_point.dist.name if entry_point.dist else "unknown"
-            if self.plugin_manager.get_plugin(entry_point.name) is not None:
+            if entry_point.name in seen:
                 continue
+            seen.add(entry_point.name)
             try:
                 plugin = entry_point.load()
             except Exception as error:  # a broken plugin must not take the others down
@@ -88,7 +90,7 @@ class LearnerRegistry:
                 continue
             self._register(plugin, entry_point.name, distribution)
         for name, module_name in BUILTIN_PLUGINS.items():
-            if self.plugin_manager.get_plugin(name) is None:
+            if name not in seen:
                 try:
                     plugin = importlib.import_module(module_name)
                 except Exception as error:

@@ -128,12 +128,15 @@ def test_plot_needs_no_display_and_leaves_pyplot_alone(tmp_path):
         "title='headless')\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
-    environment = {
+    headless_environment = {
         key: value for key, value in os.environ.items() if key not in ("DISPLAY", "MPLBACKEND")
     }
-    environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), environment.get("PYTHONPATH", "")])
     completed = subprocess.run(
-        [sys.executable, "-c", script], env=environment, capture_output=True, text=True
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=headless_environment,
+        capture_output=True,
+        text=True,
     )
     assert completed.returncode == 0, completed.stderr
     assert out_path.read_bytes()[:8] == PNG_SIGNATURE

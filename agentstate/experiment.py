@@ -1,0 +1,313 @@
+"""The prediction experiment behind ``agentstate run``.
+
+B streams of one environment step together in one process. With ``independent_params`` each
+stream is its own run (B seeds at once); otherwise the streams share one learner. The learner
+predicts the discounted sum of the environment's reward (the cumulant) with TD(lambda); the
+mean squared return error (MSRE) is logged as a sliding mean per stream, next to the error
+of predicting zero.
+
+Environments that report ``info["return_target"]`` (the trace-conditioning family) are scored
+against that exact target every step. Any other Gymnasium environment is scored at the end of
+each episode against the discounted return computed backward over it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agentstate.metrics import EpisodeReturnScorer, SlidingMean, mean_and_standard_error
+from agentstate.plotting import plot_learning_curve
+from agentstate.registry import get_registry, make_learner
+from agentstate.td import TDConfig, TDPredictor
+
+ENV_ALIASES = {
+    "trace-conditioning": "agentstate/TraceConditioning-v0",
+    "trace-patterning": "agentstate/TracePatterning-v0",
+    "noisy-patterning": "agentstate/NoisyPatterning-v0",
+}
+ROLLOUT_CHUNK = 2048
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one prediction run (written to ``config.json``)."""
+
+    env: str
+    """An alias (trace-conditioning, trace-patterning, noisy-patterning) or a Gymnasium id."""
+    learner: str = "columnar"
+    steps: int = 100_000
+    """Environment steps per stream."""
+    streams: int = 8
+    independent: bool = False
+    """One network per stream (B independent runs) instead of one shared network."""
+    seed: int = 0
+    step_size: float = 0.01
+    gamma: float | None = None
+    """Discount; None takes the environment's own (``env.gamma``) or 0.99."""
+    lambda_: float = 0.99
+    optimizer: str = "rmsprop_td"
+    msre_window: int = 10_000
+    """Steps in the sliding mean of the squared return error."""
+    log_every: int = 1_000
+    learner_kwargs: dict[str, Any] = field(default_factory=dict)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "streams", "msre_window", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    @property
+    def env_id(self) -> str:
+        """The Gymnasium id the alias stands for."""
+        return ENV_ALIASES.get(self.env, self.env)
+
+
+@dataclass
+class RunResult:
+    """Where a run wrote its files and its final figures."""
+
+    out_dir: Path
+    final_msre: np.ndarray
+    """Sliding MSRE of each stream at the end, ``[B]``."""
+    final_msre_zero: np.ndarray
+    """Sliding MSRE of predicting zero, ``[B]``."""
+    steps_per_second: float
+
+
+class _MetricLog:
+    """Sliding MSRE per stream for the learner and predict-zero, sampled every log_every.
+
+    Every-step scoring updates all streams at once; episodic scoring updates one stream by a
+    whole episode, so it keeps one sliding mean per stream.
+    """
+
+    def __init__(self, streams: int, window: int, *, episodic: bool = False) -> None:
+        self.episodic = episodic
+        if episodic:
+            self.learner_by_stream = [SlidingMean(window) for _ in range(streams)]
+            self.zero_by_stream = [SlidingMean(window) for _ in range(streams)]
+        else:
+            self.learner = SlidingMean(window, streams)
+            self.zero = SlidingMean(window, streams)
+        self.rows: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Current sliding MSRE of the learner and of predicting zero, ``[B]`` each."""
+        if self.episodic:
+            return (
+                np.array([float(mean.value) for mean in self.learner_by_stream]),
+                np.array([float(mean.value) for mean in self.zero_by_stream]),
+            )
+        return self.learner.value.copy(), self.zero.value.copy()
+
+    def record(self, step: int) -> None:
+        self.rows.append((step, *self.values()))
+
+    def write_csv(self, path: Path) -> None:
+        streams = len(self.rows[0][1]) if self.rows else 0
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(
+                ["step", "msre", "msre_se", "msre_zero"] + [f"msre_{b}" for b in range(streams)]
+            )
+            for step, learner, zero in self.rows:
+                mean, standard_error = mean_and_standard_error(learner[None])
+                writer.writerow(
+                    [step, f"{mean[0]:.8g}", f"{standard_error[0]:.8g}",
+                     f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}"]
+                    + [f"{value:.8g}" for value in learner]
+                )
+
+
+def run_experiment(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_log: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Run one prediction experiment and write ``metrics.csv``, ``config.json``, a plot.
+
+    Args:
+        config: the run's settings.
+        out_dir: folder for the outputs (created).
+        progress: show a progress bar with steps/s and the current MSRE.
+        on_log: called as ``on_log(step, mean_msre)`` at every log point.
+
+    Returns:
+        The final sliding MSRE of every stream and the throughput.
+    """
+    get_registry().spec(config.learner)  # an unknown learner fails before any work
+    if config.env_id not in gym.registry:
+        raise ValueError(
+            f"unknown environment {config.env!r}; use one of {', '.join(ENV_ALIASES)} or a "
+            "registered Gymnasium id (import the package that registers it first)"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, config.dtype)
+    env_kwargs = dict(config.env_kwargs)
+    if config.gamma is not None and config.env_id in ENV_ALIASES.values():
+        env_kwargs.setdefault("gamma", config.gamma)
+    env = gym.make_vec(config.env_id, num_envs=config.streams, **env_kwargs)
+    gamma = config.gamma if config.gamma is not None else float(getattr(env, "gamma", 0.99))
+    observation, info = env.reset(seed=config.seed)
+    observation_size = int(np.prod(env.single_observation_space.shape))
+
+    learner = make_learner(
+        config.learner,
+        observation_size,
+        streams=config.streams,
+        independent_params=config.independent,
+        dtype=dtype,
+        seed=config.seed,
+        **config.learner_kwargs,
+    )
+    engine = TDPredictor(
+        learner,
+        1,
+        TDConfig(
+            gamma=gamma,
+            lambda_=config.lambda_,
+            step_size=config.step_size,
+            optimizer=config.optimizer,
+        ),
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "run": dataclasses.asdict(config),
+                "env_id": config.env_id,
+                "gamma": gamma,
+                "td": dataclasses.asdict(engine.config),
+                "learner_config": dataclasses.asdict(learner.config),
+                "n_features": learner.n_features,
+                "observation_size": observation_size,
+            },
+            indent=2,
+        )
+    )
+
+    has_targets = hasattr(env.unwrapped, "rollout") and "return_target" in info
+    log = _MetricLog(config.streams, config.msre_window, episodic=not has_targets)
+    bar = tqdm(total=config.steps, unit="step", disable=not progress, smoothing=0.05)
+    started = time.perf_counter()
+    if has_targets:
+        _run_with_targets(env, engine, log, config, observation, info, bar, on_log)
+    else:
+        _run_episodic(env, engine, log, config, observation, gamma, bar, on_log)
+    elapsed = time.perf_counter() - started
+    bar.close()
+    env.close()
+
+    log.write_csv(out / "metrics.csv")
+    steps = np.array([row[0] for row in log.rows])
+    plot_learning_curve(
+        steps,
+        {config.learner: np.stack([row[1] for row in log.rows])},
+        out / "learning_curve.png",
+        title=f"{config.env} — {config.learner}, {config.streams} streams",
+        ylabel=f"MSRE (sliding mean over {config.msre_window:,} steps)",
+        reference_lines={"predict zero": np.stack([row[2] for row in log.rows]).mean(1)},
+    )
+    final_learner, final_zero = log.values()
+    return RunResult(out, final_learner, final_zero, config.steps / elapsed)
+
+
+def _advance_log(
+    log: _MetricLog, step: int, config: RunConfig, bar: tqdm,
+    on_log: Callable[[int, float], None] | None,
+) -> None:
+    if step % config.log_every == 0 or step == config.steps:
+        log.record(step)
+        learner, zero = log.rows[-1][1:]
+        msre = float(mean_and_standard_error(learner[None])[0][0])
+        bar.set_postfix(msre=f"{msre:.4g}", zero=f"{mean_and_standard_error(zero[None])[0][0]:.4g}")
+        if on_log is not None:
+            on_log(step, msre)
+
+
+def _run_with_targets(
+    env: Any, engine: TDPredictor, log: _MetricLog, config: RunConfig,
+    observation: np.ndarray, info: dict[str, Any], bar: tqdm,
+    on_log: Callable[[int, float], None] | None,
+) -> None:
+    """Trace envs: exact return targets every step, many steps generated per call."""
+    dtype = engine.learner.dtype
+    streams = config.streams
+    first_observation = torch.as_tensor(observation, dtype=dtype).reshape(streams, -1)
+    prediction = engine.step(first_observation, torch.zeros(streams, 1, dtype=dtype))
+    first_target = np.asarray(info["return_target"], dtype=np.float64)
+    _score(log, prediction, first_target)
+    step = 1
+    while step < config.steps:
+        chunk = min(ROLLOUT_CHUNK, config.steps - step)
+        observations, cumulants, targets = env.unwrapped.rollout(chunk)
+        observations = torch.as_tensor(observations, dtype=dtype).reshape(chunk, streams, -1)
+        cumulants = torch.as_tensor(cumulants, dtype=dtype).reshape(chunk, streams, 1)
+        for t in range(chunk):
+            prediction = engine.step(observations[t], cumulants[t])
+            _score(log, prediction, targets[t])
+            step += 1
+            _advance_log(log, step, config, bar, on_log)
+        bar.update(chunk if step < config.steps else chunk + 1)
+
+
+def _score(log: _MetricLog, prediction: torch.Tensor, target: np.ndarray) -> None:
+    predicted = prediction[:, 0].double().numpy()
+    log.learner.update((predicted - target) ** 2)
+    log.zero.update(target**2)
+
+
+def _run_episodic(
+    env: Any, engine: TDPredictor, log: _MetricLog, config: RunConfig,
+    observation: np.ndarray, gamma: float, bar: tqdm,
+    on_log: Callable[[int, float], None] | None,
+) -> None:
+    """Any Gymnasium env: reward is the cumulant, errors scored at each episode end."""
+    dtype = engine.learner.dtype
+    streams = config.streams
+    scorer = EpisodeReturnScorer(streams, ["learner", "zero"])
+    cumulant = np.zeros(streams)
+    discount = np.zeros(streams)  # the first observation starts an episode
+    episode_start = np.ones(streams, dtype=bool)
+    actions_random = np.random.default_rng(config.seed)
+    env.action_space.seed(int(actions_random.integers(2**31)))
+    for step in range(1, config.steps + 1):
+        prediction = engine.step(
+            torch.as_tensor(observation, dtype=dtype).reshape(streams, -1),
+            torch.as_tensor(cumulant, dtype=dtype).reshape(streams, 1),
+            discount=torch.as_tensor(discount, dtype=dtype),
+            episode_start=torch.as_tensor(episode_start),
+        )
+        for episode in scorer.update(
+            {"learner": prediction[:, 0].double().numpy(), "zero": np.zeros(streams)},
+            cumulant,
+            discount,
+        ):
+            log.learner_by_stream[episode.stream].update_many(episode.squared_errors["learner"])
+            log.zero_by_stream[episode.stream].update_many(episode.squared_errors["zero"])
+        observation, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        ended = np.logical_or(terminated, truncated)
+        cumulant = np.asarray(reward, dtype=np.float64)
+        discount = np.where(ended, 0.0, gamma)
+        episode_start = ended
+        _advance_log(log, step, config, bar, on_log)
+        bar.update(1)
