@@ -1,0 +1,160 @@
+"""SnAp-1 on the dense LSTM (Menick, Elsen, Evci, Osindero, Simonyan, Graves 2020).
+
+SnAp-n keeps only the entries of the RTRL sensitivity ``ds_t/dW`` that are non-zero after n
+steps. For n = 1 those are the immediate Jacobian's: unit ``i`` tracks the influence of its
+*own* weights ``W[:, i, :]`` on its own state ``(h_i, c_i)``, so the sensitivities are shaped
+like the weight::
+
+    S^h_t[k, i, m] ~= dh_i,t / dW[k, i, m]      S^c_t[k, i, m] ~= dc_i,t / dW[k, i, m]
+
+RTRL's update ``S_t = (ds_t/ds_t-1) S_t-1 + I_t``, restricted to that pattern, keeps the
+diagonal of the state Jacobian (see ``agentstate.plugins.dense_lstm``)::
+
+    S^h_t = (dh_t/dh_t-1)_ii S^h_t-1 + (mu f)_i S^c_t-1 + (dh_t/da_k)_i z_m M[i, m]
+    S^c_t = (dc_t/dh_t-1)_ii S^h_t-1 +     f_i  S^c_t-1 + (kappa_k)_i    z_m M[i, m]
+
+    grad(v)[k, i, m] = v_i S^h_t[k, i, m]
+
+It drops every path through another unit, so it is an approximation for a dense network.
+``connection_density`` thins the recurrent weights between different units with a fixed
+random mask ``M`` drawn from the seed (self-connections and input weights always kept; one
+mask for every stream). The network itself is the masked one: ``W * M`` in the forward pass,
+including ``functional_step``. With density 0 no unit reads another, the network is columnar
+and SnAp-1 is exact RTRL. O(parameters) per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agentstate.hookspecs import hookimpl
+from agentstate.learner import Carry
+from agentstate.registry import LearnerSpec
+
+from .dense_lstm import (
+    DenseLSTMConfig,
+    DenseLSTMLearner,
+    cell_derivatives,
+    cell_forward,
+    immediate_jacobian,
+    recurrent_weight,
+    state_jacobian,
+)
+
+
+@dataclass(frozen=True)
+class SnAp1Config(DenseLSTMConfig):
+    """Hyper-parameters of SnAp-1 (cell defaults: the JMLR 2023 T-BPTT baseline)."""
+
+    connection_density: float = 1.0
+    """Fraction of recurrent connections between different units kept (1: dense, 0: columnar)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.connection_density, bool) or not 0 <= self.connection_density <= 1:
+            raise ValueError(
+                f"connection_density must be in [0, 1], got {self.connection_density!r}"
+            )
+
+
+class SnAp1Learner(DenseLSTMLearner):
+    """Dense (or sparsely connected) LSTM trained by SnAp-1.
+
+    ``params["weight"]: [1 or B, 4, n, input_size + n + 1]`` (see ``DenseLSTMLearner``); the
+    masked-out recurrent entries start at 0 and receive zero gradient. Credit-assignment
+    memory: ``sensitivity_h`` and ``sensitivity_c``, both ``[B, 4, n, input_size + n + 1]``,
+    and ``weight_mask: [1, 1, n, input_size + n + 1]`` (the fixed connection mask ``M``).
+
+    ``exact`` is False: SnAp-1 is exact only at ``connection_density=0``.
+
+    Example:
+        >>> import torch, agentstate
+        >>> learner = agentstate.make_learner("snap1", 3, streams=2, n_features=4, seed=0)
+        >>> h = learner.step(torch.ones(2, 3))
+        >>> tuple(learner.grad(torch.ones(2, 4))["weight"].shape)
+        (2, 4, 4, 8)
+
+    """
+
+    name = "snap1"
+    exact = False
+
+    def __init__(self, input_size: int, config: SnAp1Config, **options: Any) -> None:
+        super().__init__(input_size, config, **options)
+        n_units = self.n_features
+        # Drawn after the weights, so the weights equal the other dense learners' for a seed.
+        draws = torch.rand((n_units, n_units), dtype=torch.float64, generator=self.generator)
+        connected = (draws < config.connection_density) | torch.eye(n_units, dtype=torch.bool)
+        self.weight_mask = torch.ones(
+            (1, 1, *self.weight_shape[1:]), dtype=self.dtype, device=self.device
+        )
+        recurrent_weight(self.weight_mask, input_size).copy_(connected.expand(1, 1, -1, -1))
+        self.params["weight"].mul_(self.weight_mask)
+        self.sensitivity_h = self._zeros(self.streams, *self.weight_shape)
+        self.sensitivity_c = self._zeros(self.streams, *self.weight_shape)
+
+    def functional_step(
+        self, params: Mapping[str, Tensor], carry: Carry, x: Tensor
+    ) -> tuple[Carry, Tensor]:
+        """One pure cell step of the masked network ``W * M``."""
+        return super().functional_step({"weight": params["weight"] * self.weight_mask}, carry, x)
+
+    def _advance(self, x: Tensor) -> Tensor:
+        weight = self.params["weight"] * self.weight_mask
+        activations = cell_forward(weight, self.carry, x)
+        derivatives = cell_derivatives(activations)
+        jacobian = state_jacobian(derivatives, recurrent_weight(weight, self.input_size))
+        dh_dh_prev_own = jacobian.dh_dh_prev.diagonal(dim1=1, dim2=2)[:, None, :, None]
+        dc_dh_prev_own = jacobian.dc_dh_prev.diagonal(dim1=1, dim2=2)[:, None, :, None]
+        dh_dc_prev_own = jacobian.dh_dc_prev[:, None, :, None]
+        dc_dc_prev_own = jacobian.dc_dc_prev[:, None, :, None]
+        dh_dweight, dc_dweight = immediate_jacobian(derivatives, activations.cell_input)
+
+        sensitivity_h = (
+            dh_dh_prev_own * self.sensitivity_h
+            + dh_dc_prev_own * self.sensitivity_c
+            + dh_dweight * self.weight_mask
+        )
+        sensitivity_c = (
+            dc_dh_prev_own * self.sensitivity_h
+            + dc_dc_prev_own * self.sensitivity_c
+            + dc_dweight * self.weight_mask
+        )
+
+        self.sensitivity_h, self.sensitivity_c = sensitivity_h, sensitivity_c
+        self.carry = (activations.h, activations.c)
+        return activations.h
+
+    def _grad(self, v: Tensor) -> dict[str, Tensor]:
+        return {"weight": v[:, None, :, None] * self.sensitivity_h}
+
+    def _reset_credit(self, mask: Tensor) -> None:
+        self.sensitivity_h[mask] = 0.0
+        self.sensitivity_c[mask] = 0.0
+
+    def _credit_state(self) -> dict[str, Tensor]:
+        # The mask travels with the state: a learner built without a seed restores its network.
+        return {
+            "sensitivity_h": self.sensitivity_h,
+            "sensitivity_c": self.sensitivity_c,
+            "weight_mask": self.weight_mask,
+        }
+
+
+@hookimpl
+def agentstate_learners() -> list[LearnerSpec]:
+    """Register ``snap1``."""
+    return [
+        LearnerSpec(
+            name="snap1",
+            learner_class=SnAp1Learner,
+            config_class=SnAp1Config,
+            exact=False,
+            summary="dense LSTM, SnAp-1 (own-unit sensitivities); exact at connection_density=0",
+        )
+    ]

@@ -1,0 +1,152 @@
+"""Unbiased Online Recurrent Optimization on the dense LSTM (Tallec & Ollivier 2017).
+
+UORO keeps a rank-one, unbiased estimate of the sensitivity of the state ``s = (h, c)``::
+
+    ds_t/dW ~= s~_t (x) W~_t,    s~ = (h~, c~): [2n],    W~: shaped like the weight
+
+Each step draws independent random signs ``nu = (nu^h, nu^c)`` (one draw per stream) and, with
+the cell Jacobians of ``agentstate.plugins.dense_lstm``::
+
+    s'    = (d(h, c)_t / d(h, c)_t-1) s~_t-1                    (one JVP)
+    dW    = nu^h . dh_t/dW + nu^c . dc_t/dW                     (one VJP, at fixed s_t-1)
+    rho_0 = sqrt(|W~_t-1| / (|s'| + eps)) + eps
+    rho_1 = sqrt(|dW| / (|nu| + eps)) + eps
+    s~_t  = rho_0 s' + rho_1 nu
+    W~_t  = W~_t-1 / rho_0 + dW / rho_1
+
+so that ``E[s~_t (x) W~_t] = (ds_t/ds_t-1) (s~ (x) W~)_t-1 + ds_t/dW``: the RTRL recursion, in
+expectation, because ``E[nu nu^T] = I`` and the cross terms are odd in ``nu`` (``rho_1`` is
+even in ``nu``, ``rho_0`` does not depend on it). ``rho_0, rho_1`` balance the norms of the two
+factors: the paper's variance-minimising choice. The gradient estimate is::
+
+    grad(v) = (v . h~_t) W~_t
+
+O(parameters) per step. With shared parameters ``W~`` is still per stream: each stream's
+estimate has its own noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from agentstate.hookspecs import hookimpl
+from agentstate.registry import LearnerSpec
+
+from .dense_lstm import (
+    DenseLSTMConfig,
+    DenseLSTMLearner,
+    apply_state_jacobian,
+    cell_derivatives,
+    cell_forward,
+    parameter_vjp,
+    recurrent_weight,
+    state_jacobian,
+)
+
+
+@dataclass(frozen=True)
+class UOROConfig(DenseLSTMConfig):
+    """Hyper-parameters of UORO (cell defaults: the JMLR 2023 T-BPTT baseline)."""
+
+    epsilon: float = 1e-7
+    """Stabiliser in rho_0 and rho_1: keeps both positive when a tangent is zero."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.epsilon < math.inf:
+            raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon!r}")
+
+
+class UOROLearner(DenseLSTMLearner):
+    """Dense LSTM trained by UORO's unbiased rank-one RTRL estimate.
+
+    ``params["weight"]: [1 or B, 4, n, input_size + n + 1]`` (see ``DenseLSTMLearner``).
+    Credit-assignment memory: the state tangent ``state_tangent_h, state_tangent_c: [B, n]``
+    and the parameter tangent ``parameter_tangent: [B, 4, n, input_size + n + 1]``. The signs
+    ``nu`` come from the learner's seeded generator (saved by ``state_dict``).
+
+    Example:
+        >>> import torch, agentstate
+        >>> learner = agentstate.make_learner("uoro", 3, streams=2, n_features=4, seed=0)
+        >>> h = learner.step(torch.ones(2, 3))
+        >>> tuple(learner.grad(torch.ones(2, 4))["weight"].shape)
+        (2, 4, 4, 8)
+
+    """
+
+    name = "uoro"
+    exact = False
+
+    def __init__(self, input_size: int, config: UOROConfig, **options: Any) -> None:
+        super().__init__(input_size, config, **options)
+        self.state_tangent_h = self._zeros(self.streams, self.n_features)
+        self.state_tangent_c = self._zeros(self.streams, self.n_features)
+        self.parameter_tangent = self._zeros(self.streams, *self.weight_shape)
+
+    def _random_signs(self) -> Tensor:
+        """``nu``: independent +-1 for every stream and state component, ``[B, 2n]``."""
+        bits = torch.randint(0, 2, (self.streams, 2 * self.n_features), generator=self.generator)
+        return (2 * bits - 1).to(dtype=self.dtype, device=self.device)
+
+    def _advance(self, x: Tensor) -> Tensor:
+        epsilon = self.config.epsilon
+        weight = self.params["weight"]
+        activations = cell_forward(weight, self.carry, x)
+        derivatives = cell_derivatives(activations)
+        jacobian = state_jacobian(derivatives, recurrent_weight(weight, self.input_size))
+
+        pushed_h, pushed_c = apply_state_jacobian(
+            jacobian, self.state_tangent_h, self.state_tangent_c
+        )
+        noise_h, noise_c = self._random_signs().chunk(2, dim=1)
+        noise_vjp = parameter_vjp(derivatives, activations.cell_input, noise_h, noise_c)
+
+        pushed_norm = torch.cat([pushed_h, pushed_c], dim=1).norm(dim=1)
+        parameter_tangent_norm = self.parameter_tangent.flatten(1).norm(dim=1)
+        noise_norm = math.sqrt(2 * self.n_features)
+        rho_0 = (parameter_tangent_norm / (pushed_norm + epsilon)).sqrt() + epsilon
+        rho_1 = (noise_vjp.flatten(1).norm(dim=1) / (noise_norm + epsilon)).sqrt() + epsilon
+
+        self.state_tangent_h = rho_0[:, None] * pushed_h + rho_1[:, None] * noise_h
+        self.state_tangent_c = rho_0[:, None] * pushed_c + rho_1[:, None] * noise_c
+        self.parameter_tangent = (
+            self.parameter_tangent / rho_0[:, None, None, None]
+            + noise_vjp / rho_1[:, None, None, None]
+        )
+        self.carry = (activations.h, activations.c)
+        return activations.h
+
+    def _grad(self, v: Tensor) -> dict[str, Tensor]:
+        projection = (v * self.state_tangent_h).sum(1)
+        return {"weight": projection[:, None, None, None] * self.parameter_tangent}
+
+    def _reset_credit(self, mask: Tensor) -> None:
+        self.state_tangent_h[mask] = 0.0
+        self.state_tangent_c[mask] = 0.0
+        self.parameter_tangent[mask] = 0.0
+
+    def _credit_state(self) -> dict[str, Tensor]:
+        return {
+            "state_tangent_h": self.state_tangent_h,
+            "state_tangent_c": self.state_tangent_c,
+            "parameter_tangent": self.parameter_tangent,
+        }
+
+
+@hookimpl
+def agentstate_learners() -> list[LearnerSpec]:
+    """Register ``uoro``."""
+    return [
+        LearnerSpec(
+            name="uoro",
+            learner_class=UOROLearner,
+            config_class=UOROConfig,
+            exact=False,
+            summary="dense LSTM, UORO unbiased rank-one RTRL estimate (O(parameters) per step)",
+        )
+    ]
