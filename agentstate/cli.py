@@ -37,32 +37,35 @@ def _add_run_parser(verbs: Any) -> None:
         description="Run a prediction experiment and write metrics.csv, config.json and "
         "learning_curve.png into --out.",
     )
-    run.add_argument(
-        "env", help=f"one of {', '.join(ENV_ALIASES)}, or any registered Gymnasium id"
-    )
+    run.add_argument("env", help=f"one of {', '.join(ENV_ALIASES)}, or any registered Gymnasium id")
     run.add_argument("--learner", default="columnar", help="registered learner name")
     run.add_argument("--steps", type=int, default=100_000, help="steps per stream")
     run.add_argument("--streams", type=int, default=8, help="streams stepped together")
     run.add_argument(
-        "--independent", action="store_true",
+        "--independent",
+        action="store_true",
         help="one network per stream (B independent runs) instead of one shared network",
     )
     run.add_argument("--lr", type=float, default=0.01, help="step size of the learner")
     run.add_argument("--gamma", type=float, default=None, help="discount (default: the env's)")
     run.add_argument("--lambda", dest="lambda_", type=float, default=0.99, help="trace decay")
-    run.add_argument(
-        "--optimizer", default="rmsprop_td", choices=["sgd", "rmsprop_td", "adam"]
-    )
+    run.add_argument("--optimizer", default="rmsprop_td", choices=["sgd", "rmsprop_td", "adam"])
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--msre-window", type=int, default=10_000)
     run.add_argument("--log-every", type=int, default=1_000)
     run.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     run.add_argument(
-        "--learner-kwarg", action="append", default=[], metavar="KEY=VALUE",
+        "--learner-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="learner keyword argument, e.g. n_features=7 (repeatable)",
     )
     run.add_argument(
-        "--env-kwarg", action="append", default=[], metavar="KEY=VALUE",
+        "--env-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="environment constructor argument, e.g. preset=rafiee2022 (repeatable)",
     )
     run.add_argument("--out", required=True, help="output folder")
@@ -110,8 +113,7 @@ def _learners(args: argparse.Namespace) -> int:
         )
     for failure in get_registry().load_errors:
         print(
-            f"! plugin {failure.plugin!r} ({failure.distribution}) failed to load: "
-            f"{failure.error}"
+            f"! plugin {failure.plugin!r} ({failure.distribution}) failed to load: {failure.error}"
         )
     return 0
 

@@ -130,8 +130,12 @@ class _MetricLog:
             for step, learner, zero in self.rows:
                 mean, standard_error = mean_and_standard_error(learner[None])
                 writer.writerow(
-                    [step, f"{mean[0]:.8g}", f"{standard_error[0]:.8g}",
-                     f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}"]
+                    [
+                        step,
+                        f"{mean[0]:.8g}",
+                        f"{standard_error[0]:.8g}",
+                        f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}",
+                    ]
                     + [f"{value:.8g}" for value in learner]
                 )
 
@@ -232,7 +236,10 @@ def run_experiment(
 
 
 def _advance_log(
-    log: _MetricLog, step: int, config: RunConfig, bar: tqdm,
+    log: _MetricLog,
+    step: int,
+    config: RunConfig,
+    bar: tqdm,
     on_log: Callable[[int, float], None] | None,
 ) -> None:
     if step % config.log_every == 0 or step == config.steps:
@@ -245,8 +252,13 @@ def _advance_log(
 
 
 def _run_with_targets(
-    env: Any, engine: TDPredictor, log: _MetricLog, config: RunConfig,
-    observation: np.ndarray, info: dict[str, Any], bar: tqdm,
+    env: Any,
+    engine: TDPredictor,
+    log: _MetricLog,
+    config: RunConfig,
+    observation: np.ndarray,
+    info: dict[str, Any],
+    bar: tqdm,
     on_log: Callable[[int, float], None] | None,
 ) -> None:
     """Trace envs: exact return targets every step, many steps generated per call."""
@@ -277,8 +289,13 @@ def _score(log: _MetricLog, prediction: torch.Tensor, target: np.ndarray) -> Non
 
 
 def _run_episodic(
-    env: Any, engine: TDPredictor, log: _MetricLog, config: RunConfig,
-    observation: np.ndarray, gamma: float, bar: tqdm,
+    env: Any,
+    engine: TDPredictor,
+    log: _MetricLog,
+    config: RunConfig,
+    observation: np.ndarray,
+    gamma: float,
+    bar: tqdm,
     on_log: Callable[[int, float], None] | None,
 ) -> None:
     """Any Gymnasium env: reward is the cumulant, errors scored at each episode end."""

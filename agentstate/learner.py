@@ -173,8 +173,10 @@ class StateLearner(abc.ABC):
         """
         if mask is None:
             mask = torch.ones(self.streams, dtype=torch.bool, device=self.device)
-        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (
-            self.streams,
+        elif (
+            not isinstance(mask, Tensor)
+            or mask.dtype != torch.bool
+            or mask.shape != (self.streams,)
         ):
             raise ValueError(
                 f"{self.name}: reset mask must be a bool tensor of shape [{self.streams}], "

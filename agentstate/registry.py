@@ -235,4 +235,3 @@ def learner_table() -> list[dict[str, Any]]:
         }
         for name, entry in sorted(get_registry().learners().items())
     ]
-

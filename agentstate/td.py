@@ -145,8 +145,11 @@ class TDPredictor:
         self._learner_params = dict(learner.params)
         self.learner_traces = {
             key: torch.zeros(
-                self.n_cumulants, learner.streams, *param.shape[1:],
-                dtype=learner.dtype, device=learner.device,
+                self.n_cumulants,
+                learner.streams,
+                *param.shape[1:],
+                dtype=learner.dtype,
+                device=learner.device,
             )
             for key, param in self._learner_params.items()
         }
@@ -197,19 +200,19 @@ class TDPredictor:
         gamma = self._discount(discount)
         if episode_start is not None:
             self.reset_streams(episode_start)
-        if self._learner_params_changed():
-            self.optimizer = self._build_optimizer()
 
         normalized_observation = self.input_normalizer.normalize(observation)
         self.input_normalizer.update(observation)
         state = learner.step(normalized_observation)
+        if self._learner_params_changed():  # e.g. a constructive learner's next stage
+            self.optimizer = self._build_optimizer()
         feature_std = self.feature_normalizer.std
         normalized_state = self.feature_normalizer.normalize(state)
         self.feature_normalizer.update(state)
         features = self._head_features(normalized_state, normalized_observation)
         prediction = (features.unsqueeze(1) * self.head_weight).sum(-1)
 
-        td_error = (cumulant + gamma.unsqueeze(1) * prediction - self.previous_prediction)
+        td_error = cumulant + gamma.unsqueeze(1) * prediction - self.previous_prediction
         td_error = td_error * self.has_previous.unsqueeze(1)
         self._apply_update(td_error)
 
@@ -257,13 +260,16 @@ class TDPredictor:
         if isinstance(discount, Tensor):
             self._check(discount, "discount", (learner.streams,))
             return discount
-        return torch.full((learner.streams,), float(discount), dtype=learner.dtype,
-                          device=learner.device)
+        return torch.full(
+            (learner.streams,), float(discount), dtype=learner.dtype, device=learner.device
+        )
 
     def reset_streams(self, mask: Tensor) -> None:
         """Start a new episode on the streams in ``mask: [B] bool``."""
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (
-            self.learner.streams,
+        if (
+            not isinstance(mask, Tensor)
+            or mask.dtype != torch.bool
+            or tuple(mask.shape) != (self.learner.streams,)
         ):
             raise ValueError(
                 f"episode_start must be a bool tensor of shape [{self.learner.streams}]"

@@ -62,7 +62,9 @@ class NaiveColumnarRTRL:
         def cell(state, weight_flat, x):
             carry = state.view(2, 1, -1)
             (h, c), _ = learner.functional_step(
-                {"weight": weight_flat.view(1, *self.weight.shape[1:])}, (carry[0], carry[1]), x[None]
+                {"weight": weight_flat.view(1, *self.weight.shape[1:])},
+                (carry[0], carry[1]),
+                x[None],
             )
             return torch.cat([h[0], c[0]])
 
@@ -86,7 +88,9 @@ def bench_case(streams: int, columns: int, inputs: int, seconds: float) -> dict[
     v = torch.rand(streams, columns)
     cumulant = torch.rand(streams, 1)
 
-    learner = agentstate.make_learner("columnar", inputs, streams=streams, n_features=columns, seed=0)
+    learner = agentstate.make_learner(
+        "columnar", inputs, streams=streams, n_features=columns, seed=0
+    )
 
     def learner_step() -> None:
         learner.step(x)
@@ -121,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"| streams | columns | inputs | learner µs | TD step µs | naive µs | naive / learner |")
+    print("| streams | columns | inputs | learner µs | TD step µs | naive µs | naive / learner |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for streams, columns, inputs in CASES:
         result = bench_case(streams, columns, inputs, args.seconds)
@@ -137,7 +141,11 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, handle, indent=2)
+            json.dump(
+                {"threads": args.threads, "torch": torch.__version__, "rows": rows},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -171,9 +171,9 @@ class ColumnarLearner(StateLearner):
         )
         dh_doutput_preactivation = tanh_c * output_gate * (1 - output_gate)
         dh_dc = output_gate * (1 - tanh_c * tanh_c)
-        sensitivity_h = (
-            dh_doutput_preactivation * recurrent_weight[..., GATE_O]
-        )[..., None, None] * self.sensitivity_h + dh_dc[..., None, None] * sensitivity_c
+        sensitivity_h = (dh_doutput_preactivation * recurrent_weight[..., GATE_O])[
+            ..., None, None
+        ] * self.sensitivity_h + dh_dc[..., None, None] * sensitivity_c
         sensitivity_h[:, :, GATE_O, :] += dh_doutput_preactivation.unsqueeze(-1) * column_input
 
         self.sensitivity_h, self.sensitivity_c = sensitivity_h, sensitivity_c

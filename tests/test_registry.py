@@ -78,8 +78,18 @@ def test_third_party_plugin_installs_and_is_listed(tmp_path):
     """pip-install the example plugin into a throwaway target and see it listed and exact."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE_PLUGIN)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE_PLUGIN),
+        ],
         check=True,
     )
     script = textwrap.dedent(
@@ -100,7 +110,9 @@ def test_third_party_plugin_installs_and_is_listed(tmp_path):
     try:
         from agentstate_example_learner.plugin import LeakyEcho, LeakyEchoConfig
 
-        learner = LeakyEcho(3, LeakyEchoConfig(n_features=4), streams=2, dtype=torch.float64, seed=0)
+        learner = LeakyEcho(
+            3, LeakyEchoConfig(n_features=4), streams=2, dtype=torch.float64, seed=0
+        )
         inputs = torch.randn(6, 2, 3, dtype=torch.float64)
         params = {k: p.clone() for k, p in learner.params.items()}
         for x in inputs:

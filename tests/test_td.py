@@ -13,8 +13,14 @@ PLAIN = dict(normalize_inputs=False, normalize_features=False, optimizer="sgd")
 
 def make_learner(seed=0, independent=False):
     return agentstate.make_learner(
-        "columnar", INPUTS, streams=STREAMS, independent_params=independent,
-        dtype=torch.float64, seed=seed, n_features=COLUMNS, init_scale=0.5,
+        "columnar",
+        INPUTS,
+        streams=STREAMS,
+        independent_params=independent,
+        dtype=torch.float64,
+        seed=seed,
+        n_features=COLUMNS,
+        init_scale=0.5,
     )
 
 
@@ -29,8 +35,15 @@ def random_stream(steps, seed=3):
 def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
     """Frozen learner: the heads must do textbook linear TD(lambda), written out per stream."""
     gamma, lam, alpha, steps = 0.8, 0.7, 0.05, 40
-    config = TDConfig(gamma=gamma, lambda_=lam, step_size=0.0, head_step_size=alpha,
-                      include_observation=True, train_learner=False, **PLAIN)
+    config = TDConfig(
+        gamma=gamma,
+        lambda_=lam,
+        step_size=0.0,
+        head_step_size=alpha,
+        include_observation=True,
+        train_learner=False,
+        **PLAIN,
+    )
     engine = TDPredictor(make_learner(independent=independent), 1, config)
     twin = make_learner(independent=independent)  # produces the same agent states
     inputs, cumulants = random_stream(steps)
@@ -118,11 +131,15 @@ def test_rmsprop_td_matches_the_authors_normaliser():
     torch.testing.assert_close(param, expected)
 
 
-@pytest.mark.parametrize(("optimizer", "head_step_size"),
-                         [("sgd", 0.05), ("rmsprop_td", 0.05), ("adam", 0.003)])
+@pytest.mark.parametrize(
+    ("optimizer", "head_step_size"), [("sgd", 0.05), ("rmsprop_td", 0.05), ("adam", 0.003)]
+)
 def test_every_optimizer_learns_a_constant_cumulant(optimizer, head_step_size):
-    engine = TDPredictor(make_learner(), 1, TDConfig(
-        gamma=0.5, step_size=0.001, head_step_size=head_step_size, optimizer=optimizer))
+    engine = TDPredictor(
+        make_learner(),
+        1,
+        TDConfig(gamma=0.5, step_size=0.001, head_step_size=head_step_size, optimizer=optimizer),
+    )
     x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
     c = torch.ones(STREAMS, 1, dtype=torch.float64)
     for _ in range(3000):
@@ -151,5 +168,23 @@ def test_state_dict_round_trip_continues_identically():
     second = TDPredictor(make_learner(seed=5), 1, TDConfig())
     second.load_state_dict(first.state_dict())
     for t in range(10, 20):
-        torch.testing.assert_close(second.step(inputs[t], cumulants[t]),
-                                   first.step(inputs[t], cumulants[t]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            second.step(inputs[t], cumulants[t]),
+            first.step(inputs[t], cumulants[t]),
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_engine_follows_a_constructive_learner_across_stages():
+    learner = agentstate.make_learner("ccn", INPUTS, streams=STREAMS, n_features=4,
+                                      columns_per_stage=2, steps_per_stage=5, seed=0,
+                                      dtype=torch.float64)
+    engine = TDPredictor(learner, 1, TDConfig(step_size=0.05))
+    inputs, cumulants = random_stream(12)
+    first_stage_params = learner.params["weight"]
+    for t in range(12):
+        engine.step(inputs[t], cumulants[t])
+    assert learner.params["weight"] is not first_stage_params
+    assert engine.learner_traces["weight"].shape[1:] == (STREAMS, *learner.params["weight"].shape[1:])
+    assert engine.optimizer.param_groups[1]["params"][0] is learner.params["weight"]

@@ -43,7 +43,9 @@ class LeakyEcho(agentstate.StateLearner):
     def __init__(self, input_size: int, config: LeakyEchoConfig, **options) -> None:  # type: ignore[no-untyped-def]
         super().__init__(input_size, config, **options)
         shape = (self.param_streams, config.n_features, input_size + 1)
-        weight = torch.empty(shape, dtype=torch.float64).uniform_(-0.5, 0.5, generator=self.generator)
+        weight = torch.empty(shape, dtype=torch.float64).uniform_(
+            -0.5, 0.5, generator=self.generator
+        )
         self.params = {"weight": weight.to(self.dtype)}
         self.carry = self.initial_carry()
         self.sensitivity = torch.zeros(self.streams, *shape[1:], dtype=self.dtype)
