@@ -47,6 +47,12 @@ def _add_run_parser(verbs: Any) -> None:
         help="one network per stream (B independent runs) instead of one shared network",
     )
     run.add_argument("--lr", type=float, default=0.01, help="step size of the learner")
+    run.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="step size of the prediction head (default: --lr / number of head features)",
+    )
     run.add_argument("--gamma", type=float, default=None, help="discount (default: the env's)")
     run.add_argument("--lambda", dest="lambda_", type=float, default=0.99, help="trace decay")
     run.add_argument("--optimizer", default="rmsprop_td", choices=["sgd", "rmsprop_td", "adam"])
@@ -81,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         independent=args.independent,
         seed=args.seed,
         step_size=args.lr,
+        head_step_size=args.head_lr,
         gamma=args.gamma,
         lambda_=args.lambda_,
         optimizer=args.optimizer,

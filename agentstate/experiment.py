@@ -54,6 +54,8 @@ class RunConfig:
     """One network per stream (B independent runs) instead of one shared network."""
     seed: int = 0
     step_size: float = 0.01
+    head_step_size: float | None = None
+    """Step size of the prediction head; None: step_size / number of head features."""
     gamma: float | None = None
     """Discount; None takes the environment's own (``env.gamma``) or 0.99."""
     lambda_: float = 0.99
@@ -191,6 +193,7 @@ def run_experiment(
             gamma=gamma,
             lambda_=config.lambda_,
             step_size=config.step_size,
+            head_step_size=config.head_step_size,
             optimizer=config.optimizer,
         ),
     )

@@ -71,7 +71,7 @@ class _TraceEnv(gym.Env[np.ndarray, np.int64]):
 
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    metadata = {"render_modes": []}
     config_type: ClassVar[type[FamilyConfig]]
 
     def __init__(
@@ -104,7 +104,7 @@ class _TraceEnv(gym.Env[np.ndarray, np.int64]):
 
         """
         _check_seed(seed)
-        super().reset(seed=seed)
+        super().reset(seed=seed)  # Gymnasium's np_random bookkeeping; the streams seed themselves
         observation, return_target = self._streams.reset(seed)
         return observation[0], {"return_target": float(return_target[0])}
 
@@ -131,7 +131,7 @@ class _TraceVectorEnv(VectorEnv):
 
     """
 
-    metadata: ClassVar[dict[str, Any]] = {
+    metadata = {
         "render_modes": [],
         "autoreset_mode": AutoresetMode.NEXT_STEP,
     }
@@ -175,7 +175,7 @@ class _TraceVectorEnv(VectorEnv):
 
         """
         _check_seed(seed)
-        super().reset(seed=seed)
+        super().reset(seed=seed)  # Gymnasium's np_random bookkeeping; the streams seed themselves
         observations, return_targets = self._streams.reset(seed)
         return observations, self._info(return_targets)
 

@@ -10,7 +10,8 @@ Presets:
     US, ISI ~ U{24..36}, ITI ~ U{80..120}, γ = 0.9, and five distractors, the k-th on at each
     step independently with probability 1/(10k). Trace patterning presents exactly 3 of 6 CS
     per trial; 10 of the 20 such patterns are valid (drawn per seed) and only they, always,
-    are followed by the US.
+    are followed by the US. Noisy patterning sets ISI = CS duration = 1; its noise is the
+    distractors (``us_flip_probability`` = 0; raise it for label noise).
 
     ``"rafiee2022"``: Rafiee et al., "From eye-blinks to state construction: diagnostic
     benchmarks for online representation learning" (Adaptive Behavior, 2022/23). CS lasts 4
@@ -20,11 +21,12 @@ Presets:
     distractors switch on, when off, with probability 1/(10k) per step and then stay on for
     their duration followed by at least one off step (k = 1..10); patterning distractors
     switch on with probability 1/2 each at CS onset; a patterning trial shows a valid pattern
-    (half of the CS on) with overall probability 1/2, otherwise a uniformly random on/off
-    pattern of all CS; noisy patterning flips the US outcome with a noise probability and
-    sets ISI = CS duration. Not found and chosen here: the number of patterning distractors
-    (10, as for trace conditioning), the number of CS and valid patterns (6 and 10, as in
-    the JMLR variant) and the noisy-patterning noise (0.1).
+    (half of the CS on) with overall probability 1/2, mixing a drawn valid pattern with a
+    uniformly random on/off pattern of all CS (which may be valid, or empty); noisy
+    patterning flips the US outcome with a noise probability and sets ISI = CS duration = 4,
+    so γ = 0.75. Not found and chosen here: the number of patterning distractors (10, as for
+    trace conditioning), the number of CS and valid patterns (6 and 10, as in the JMLR
+    variant) and the noisy-patterning noise (0.1).
 
 Trial structure (all families): a trial starts with the CS onset; the US starts ISI steps
 after the CS onset (if the trial is followed by a US); the next trial's CS onset comes ITI
@@ -44,7 +46,6 @@ from typing import Any, ClassVar, Literal, TypeVar
 __all__ = [
     "JMLR2023_DISTRACTOR_PROBABILITIES",
     "NoisyPatterningConfig",
-    "PRESET_NAMES",
     "RAFIEE2022_DISTRACTOR_PROBABILITIES",
     "TraceConditioningConfig",
     "TracePatterningConfig",
@@ -54,7 +55,6 @@ __all__ = [
 DistractorOnset = Literal["any_step", "cs_onset"]
 PatternPool = Literal["n_cs_on", "any"]
 
-PRESET_NAMES = ("jmlr2023", "rafiee2022")
 JMLR2023_DISTRACTOR_PROBABILITIES = tuple(1.0 / (10 * k) for k in range(1, 6))
 RAFIEE2022_DISTRACTOR_PROBABILITIES = tuple(1.0 / (10 * k) for k in range(1, 11))
 _MAX_CS = 20  # valid patterns are drawn from the enumerated n_cs_on-of-n_cs patterns
@@ -79,15 +79,15 @@ def rafiee2022_timing(isi: int) -> dict[str, Any]:
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    allowed = f"{low}..{high}" if high is not None else f">= {low}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-    if value < low or (high is not None and value > high):
+    is_integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_integer or int(value) < low or (high is not None and int(value) > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
 def _check_probability(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not is_number or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
 
@@ -335,7 +335,7 @@ def _shared_values(config: _StimulusFields) -> dict[str, Any]:
     return {field.name: getattr(config, field.name) for field in shared}
 
 
-_RAFIEE2022_DURATIONS = {
+_RAFIEE2022_DURATIONS: dict[str, Any] = {
     "iti_min": 80,
     "iti_max": 120,
     "cs_duration": 4,
@@ -343,7 +343,7 @@ _RAFIEE2022_DURATIONS = {
     "distractor_duration": 4,
     "distractor_min_off_steps": 1,
 }
-_RAFIEE2022_PATTERNS = {
+_RAFIEE2022_PATTERNS: dict[str, Any] = {
     "n_cs": 6,
     "n_cs_on": 3,
     "n_valid_patterns": 10,

@@ -105,7 +105,10 @@ class TrialStreams:
         self._trial_rngs: list[np.random.Generator] = []
         self._distractor_rngs: list[np.random.Generator] = []
         self.valid_patterns = np.zeros((n_streams, config.n_valid_patterns, config.n_cs), bool)
-        self._chunk_observations: np.ndarray | None = None
+        # Rendered steps [chunk, B, d] and their return targets [chunk, B]; read at _cursor.
+        self._chunk_observations = np.zeros((0, n_streams, self.n_channels), dtype=bool)
+        self._chunk_returns = np.zeros((0, n_streams))
+        self._cursor = 0
 
     @staticmethod
     def _patterns_with_n_on(n_cs: int, n_on: int) -> np.ndarray:
@@ -166,7 +169,7 @@ class TrialStreams:
             US bit of each new observation) and ``return_targets [n_steps, B] float64``.
 
         """
-        if self._chunk_observations is None:
+        if not self._trial_rngs:
             raise RuntimeError("reset() must be called before stepping")
         if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 0:
             raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
@@ -246,10 +249,10 @@ class TrialStreams:
         Likewise every distractor run starting before ``distractors_until``.
         """
         new_runs = [self._runs]
-        for stream in np.flatnonzero(self._next_trial_onset <= trials_until):
+        for stream in np.flatnonzero(self._next_trial_onset <= trials_until).tolist():
             while self._next_trial_onset[stream] <= trials_until:
                 new_runs.append(self._draw_trials(stream))
-        for stream, distractor in np.argwhere(self._distractor_free < distractors_until):
+        for stream, distractor in np.argwhere(self._distractor_free < distractors_until).tolist():
             while self._distractor_free[stream, distractor] < distractors_until:
                 new_runs.append(self._draw_distractor_runs(stream, distractor))
         self._runs = np.concatenate(new_runs)

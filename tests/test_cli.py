@@ -12,9 +12,26 @@ from agentstate.cli import main
 
 def test_run_writes_metrics_config_and_plot(tmp_path):
     out = tmp_path / "run"
-    code = main(["run", "trace-patterning", "--steps", "3000", "--streams", "3", "--independent",
-                 "--log-every", "500", "--msre-window", "1000", "--out", str(out), "--no-progress",
-                 "--learner-kwarg", "n_features=5"])
+    code = main(
+        [
+            "run",
+            "trace-patterning",
+            "--steps",
+            "3000",
+            "--streams",
+            "3",
+            "--independent",
+            "--log-every",
+            "500",
+            "--msre-window",
+            "1000",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--learner-kwarg",
+            "n_features=5",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(row["step"]) for row in rows] == list(range(500, 3001, 500))
@@ -28,8 +45,26 @@ def test_run_writes_metrics_config_and_plot(tmp_path):
 
 def test_run_on_any_gymnasium_env_scores_episodes(tmp_path):
     out = tmp_path / "cartpole"
-    assert main(["run", "CartPole-v1", "--steps", "600", "--streams", "2", "--log-every", "200",
-                 "--msre-window", "500", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "CartPole-v1",
+                "--steps",
+                "600",
+                "--streams",
+                "2",
+                "--log-every",
+                "200",
+                "--msre-window",
+                "500",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 3 and float(rows[-1]["msre_zero"]) > 0
 
@@ -50,7 +85,9 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, messa
 
 def test_learners_lists_name_source_and_exactness():
     listing = subprocess.run(
-        [sys.executable, "-m", "agentstate.cli", "learners"], capture_output=True, text=True,
+        [sys.executable, "-m", "agentstate.cli", "learners"],
+        capture_output=True,
+        text=True,
         check=True,
     ).stdout
     row = next(line for line in listing.splitlines() if line.startswith("columnar"))

@@ -1,4 +1,4 @@
-"""Learning: the columnar learner must beat predict-zero and a frozen learner on trace conditioning."""
+"""Learning: columnar must beat predict-zero and a frozen learner on trace conditioning."""
 
 import gymnasium as gym
 import numpy as np
@@ -18,11 +18,20 @@ def final_msre(train_learner: bool) -> tuple[float, float]:
     env = gym.make_vec("agentstate/TraceConditioning-v0", num_envs=STREAMS, **SHORT_TRACE)
     observation, _ = env.reset(seed=1)
     learner = agentstate.make_learner(
-        "columnar", observation.shape[1], streams=STREAMS, independent_params=True, seed=1,
+        "columnar",
+        observation.shape[1],
+        streams=STREAMS,
+        independent_params=True,
+        seed=1,
         n_features=4,
     )
-    config = TDConfig(gamma=env.unwrapped.gamma, step_size=0.003, head_step_size=0.003,
-                      optimizer="adam", train_learner=train_learner)
+    config = TDConfig(
+        gamma=env.unwrapped.gamma,
+        step_size=0.003,
+        head_step_size=0.003,
+        optimizer="adam",
+        train_learner=train_learner,
+    )
     engine = TDPredictor(learner, 1, config)
     observations, cumulants, targets = env.unwrapped.rollout(STEPS)
     observations = torch.as_tensor(observations)
@@ -31,7 +40,9 @@ def final_msre(train_learner: bool) -> tuple[float, float]:
     for t in range(STEPS):
         prediction = engine.step(observations[t], cumulants[t])
         if t >= STEPS - SCORED:
-            squared_errors[t - STEPS + SCORED] = (prediction[:, 0].double().numpy() - targets[t]) ** 2
+            squared_errors[t - STEPS + SCORED] = (
+                prediction[:, 0].double().numpy() - targets[t]
+            ) ** 2
     return float(squared_errors.mean()), float((targets[-SCORED:] ** 2).mean())
 
 

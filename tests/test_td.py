@@ -177,14 +177,24 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_engine_follows_a_constructive_learner_across_stages():
-    learner = agentstate.make_learner("ccn", INPUTS, streams=STREAMS, n_features=4,
-                                      columns_per_stage=2, steps_per_stage=5, seed=0,
-                                      dtype=torch.float64)
+    learner = agentstate.make_learner(
+        "ccn",
+        INPUTS,
+        streams=STREAMS,
+        n_features=4,
+        columns_per_stage=2,
+        steps_per_stage=5,
+        seed=0,
+        dtype=torch.float64,
+    )
     engine = TDPredictor(learner, 1, TDConfig(step_size=0.05))
     inputs, cumulants = random_stream(12)
     first_stage_params = learner.params["weight"]
     for t in range(12):
         engine.step(inputs[t], cumulants[t])
     assert learner.params["weight"] is not first_stage_params
-    assert engine.learner_traces["weight"].shape[1:] == (STREAMS, *learner.params["weight"].shape[1:])
+    assert engine.learner_traces["weight"].shape[1:] == (
+        STREAMS,
+        *learner.params["weight"].shape[1:],
+    )
     assert engine.optimizer.param_groups[1]["params"][0] is learner.params["weight"]
