@@ -1,128 +1,13 @@
-"""The ``agentstate`` command: ``run``, ``learners`` (more verbs join as they land)."""
+"""The ``agentstate`` command; each verb lives in ``agentstate.commands``."""
 
 from __future__ import annotations
 
 import argparse
-import ast
+import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from agentstate.experiment import ENV_ALIASES, RunConfig, run_experiment
-from agentstate.registry import get_registry, learner_table
-
-
-def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``["n_features=7", "init_scale=0.1"]`` -> ``{"n_features": 7, "init_scale": 0.1}``.
-
-    Values are Python literals where they parse as one (numbers, booleans, tuples), else
-    strings.
-    """
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, separator, text = item.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parsed[key] = text
-    return parsed
-
-
-def _add_run_parser(verbs: Any) -> None:
-    run = verbs.add_parser(
-        "run",
-        help="online prediction experiment: B streams, TD(lambda), MSRE curve",
-        description="Run a prediction experiment and write metrics.csv, config.json and "
-        "learning_curve.png into --out.",
-    )
-    run.add_argument("env", help=f"one of {', '.join(ENV_ALIASES)}, or any registered Gymnasium id")
-    run.add_argument("--learner", default="columnar", help="registered learner name")
-    run.add_argument("--steps", type=int, default=100_000, help="steps per stream")
-    run.add_argument("--streams", type=int, default=8, help="streams stepped together")
-    run.add_argument(
-        "--independent",
-        action="store_true",
-        help="one network per stream (B independent runs) instead of one shared network",
-    )
-    run.add_argument("--lr", type=float, default=0.01, help="step size of the learner")
-    run.add_argument(
-        "--head-lr",
-        type=float,
-        default=None,
-        help="step size of the prediction head (default: --lr / number of head features)",
-    )
-    run.add_argument("--gamma", type=float, default=None, help="discount (default: the env's)")
-    run.add_argument("--lambda", dest="lambda_", type=float, default=0.99, help="trace decay")
-    run.add_argument("--optimizer", default="rmsprop_td", choices=["sgd", "rmsprop_td", "adam"])
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--msre-window", type=int, default=10_000)
-    run.add_argument("--log-every", type=int, default=1_000)
-    run.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    run.add_argument(
-        "--learner-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="learner keyword argument, e.g. n_features=7 (repeatable)",
-    )
-    run.add_argument(
-        "--env-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment constructor argument, e.g. preset=rafiee2022 (repeatable)",
-    )
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _run(args: argparse.Namespace) -> int:
-    config = RunConfig(
-        env=args.env,
-        learner=args.learner,
-        steps=args.steps,
-        streams=args.streams,
-        independent=args.independent,
-        seed=args.seed,
-        step_size=args.lr,
-        head_step_size=args.head_lr,
-        gamma=args.gamma,
-        lambda_=args.lambda_,
-        optimizer=args.optimizer,
-        msre_window=args.msre_window,
-        log_every=args.log_every,
-        learner_kwargs=parse_key_values(args.learner_kwarg, "--learner-kwarg"),
-        env_kwargs=parse_key_values(args.env_kwarg, "--env-kwarg"),
-        dtype=args.dtype,
-    )
-    result = run_experiment(config, args.out, progress=not args.no_progress)
-    print(
-        f"final MSRE {result.final_msre.mean():.5g} (predict zero "
-        f"{result.final_msre_zero.mean():.5g}) over {config.streams} streams, "
-        f"{result.steps_per_second:,.0f} steps/s; wrote {result.out_dir}/metrics.csv, "
-        "config.json, learning_curve.png"
-    )
-    return 0
-
-
-def _learners(args: argparse.Namespace) -> int:
-    rows = learner_table()
-    width = max(len(row["name"]) for row in rows)
-    source_width = max(len(row["distribution"]) for row in rows)
-    print(f"{'name':<{width}}  {'source':<{source_width}}  exact  summary")
-    for row in rows:
-        exact = "yes" if row["exact"] else "no"
-        print(
-            f"{row['name']:<{width}}  {row['distribution']:<{source_width}}  {exact:<5}  "
-            f"{row['summary']}"
-        )
-    for failure in get_registry().load_errors:
-        print(
-            f"! plugin {failure.plugin!r} ({failure.distribution}) failed to load: {failure.error}"
-        )
-    return 0
+from agentstate.commands import COMMAND_MODULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,18 +16,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agentstate", description="Online agent-state learning with scalable RTRL."
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
-    _add_run_parser(verbs)
-    verbs.add_parser("learners", help="list registered learners: name, source, exactness")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(verbs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``agentstate`` console script."""
+    """Entry point of the ``agentstate`` console script.
+
+    User errors (unknown names, bad values) exit with status 2 and one line on stderr.
+    """
     args = build_parser().parse_args(argv)
-    handlers = {"run": _run, "learners": _learners}
     try:
-        return handlers[args.verb](args)
-    except (KeyError, TypeError, ValueError) as error:
+        return int(args.handler(args))
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"agentstate {args.verb}: error: {message}", file=sys.stderr)
         return 2

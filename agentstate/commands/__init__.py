@@ -1,0 +1,10 @@
+"""Sub-commands of the ``agentstate`` CLI; each module has ``add_parser(verbs)``.
+
+A module's ``add_parser`` adds its verb to the sub-parsers and sets ``handler`` (a function
+``args -> exit code``) as the parser default.
+"""
+
+COMMAND_MODULES = [
+    "agentstate.commands.run",
+    "agentstate.commands.learners",
+]
