@@ -8,10 +8,13 @@ from agentstate import envs  # noqa: F401  (registers the Gymnasium env ids)
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import StateLearner
 from agentstate.registry import LearnerSpec, available_learners, make_learner
+from agentstate.wrappers import AgentStateVectorWrapper, AgentStateWrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentStateVectorWrapper",
+    "AgentStateWrapper",
     "LearnerSpec",
     "StateLearner",
     "available_learners",

@@ -9,12 +9,20 @@ of predicting zero.
 Environments that report ``info["return_target"]`` (the trace-conditioning family) are scored
 against that exact target every step. Any other Gymnasium environment is scored at the end of
 each episode against the discounted return computed backward over it.
+
+Checkpoints (trace envs, whose state the env itself saves): every ``checkpoint_every`` steps the
+complete run state (TD engine with learner, traces, optimiser and normalisers; env generators
+and schedule; metric log; step) replaces ``checkpoint.pt`` atomically. Env steps are generated
+in chunks that end on checkpoint boundaries, and what a trace env shows never depends on how
+its steps are chunked, so a resumed run writes the same ``metrics.csv`` as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
+import io
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +35,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from agentstate.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from agentstate.metrics import EpisodeReturnScorer, SlidingMean, mean_and_standard_error
 from agentstate.plotting import plot_learning_curve
 from agentstate.registry import get_registry, make_learner
@@ -38,6 +52,8 @@ ENV_ALIASES = {
     "noisy-patterning": "agentstate/NoisyPatterning-v0",
 }
 ROLLOUT_CHUNK = 2048
+CHECKPOINT_NAME = "checkpoint.pt"
+"""The latest checkpoint of an unfinished run, in its output folder (removed when it ends)."""
 
 
 @dataclass
@@ -91,6 +107,14 @@ class RunResult:
     final_msre_zero: np.ndarray
     """Sliding MSRE of predicting zero, ``[B]``."""
     steps_per_second: float
+    """Steps per stream per second of this process (from ``first_step`` on)."""
+    first_step: int = 0
+    """Step this process started from: 0, or the checkpoint's step when resumed."""
+
+
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint must have been written by to be resumed under ``config``."""
+    return {"run": json.loads(json.dumps(dataclasses.asdict(config)))}
 
 
 class _MetricLog:
@@ -122,24 +146,113 @@ class _MetricLog:
     def record(self, step: int) -> None:
         self.rows.append((step, *self.values()))
 
-    def write_csv(self, path: Path) -> None:
-        streams = len(self.rows[0][1]) if self.rows else 0
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                ["step", "msre", "msre_se", "msre_zero"] + [f"msre_{b}" for b in range(streams)]
-            )
-            for step, learner, zero in self.rows:
-                mean, standard_error = mean_and_standard_error(learner[None])
-                writer.writerow(
-                    [
-                        step,
-                        f"{mean[0]:.8g}",
-                        f"{standard_error[0]:.8g}",
-                        f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}",
-                    ]
-                    + [f"{value:.8g}" for value in learner]
+    def _sliding_means(self) -> list[SlidingMean]:
+        if self.episodic:
+            return [*self.learner_by_stream, *self.zero_by_stream]
+        return [self.learner, self.zero]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sliding means and logged rows, for checkpoints.
+
+        ``SlidingMean`` has no ``state_dict``; its attributes are its whole state (what
+        pickle would save), so they are saved as they are and restored only into sliding
+        means with the same attributes and shapes.
+        """
+        streams = len(self.values()[0])
+        return {
+            "sliding_means": [copy.deepcopy(vars(mean)) for mean in self._sliding_means()],
+            "steps": [row[0] for row in self.rows],
+            "learner": np.array([row[1] for row in self.rows]).reshape(-1, streams),
+            "zero": np.array([row[2] for row in self.rows]).reshape(-1, streams),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; everything is checked before anything is replaced."""
+        restored_means = []
+        for mean, saved in zip(self._sliding_means(), state["sliding_means"], strict=True):
+            current = vars(mean)
+            if set(saved) != set(current):
+                raise ValueError(
+                    f"saved sliding mean has attributes {sorted(saved)}, this version of "
+                    f"SlidingMean has {sorted(current)}"
                 )
+            restored = dict(saved)
+            for name, value in current.items():
+                if isinstance(value, np.ndarray):
+                    restored[name] = np.asarray(saved[name], dtype=value.dtype).copy()
+                    if restored[name].shape != value.shape:
+                        raise ValueError(
+                            f"saved sliding mean {name} has shape {restored[name].shape}, "
+                            f"expected {value.shape}"
+                        )
+            restored_means.append(restored)
+        learner_rows = np.asarray(state["learner"], dtype=np.float64).copy()
+        zero_rows = np.asarray(state["zero"], dtype=np.float64).copy()
+        rows = [
+            (int(step), learner, zero)
+            for step, learner, zero in zip(state["steps"], learner_rows, zero_rows, strict=True)
+        ]
+        for mean, restored in zip(self._sliding_means(), restored_means, strict=True):
+            vars(mean).update(restored)
+        self.rows = rows
+
+    def write_csv(self, path: Path) -> None:
+        """Write the logged rows as ``metrics.csv`` (atomically)."""
+        streams = len(self.rows[0][1]) if self.rows else 0
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(
+            ["step", "msre", "msre_se", "msre_zero"] + [f"msre_{b}" for b in range(streams)]
+        )
+        for step, learner, zero in self.rows:
+            mean, standard_error = mean_and_standard_error(learner[None])
+            writer.writerow(
+                [
+                    step,
+                    f"{mean[0]:.8g}",
+                    f"{standard_error[0]:.8g}",
+                    f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}",
+                ]
+                + [f"{value:.8g}" for value in learner]
+            )
+        atomic_write_bytes(path, text.getvalue().encode())
+
+
+@dataclass
+class _Checkpointer:
+    """Writes the complete run state to ``path`` every ``every`` steps, and restores it."""
+
+    path: Path
+    every: int
+    identity: dict[str, Any]
+    env: Any
+    engine: TDPredictor
+    log: _MetricLog
+
+    def save(self, step: int) -> None:
+        state = {
+            "engine": self.engine.state_dict(),
+            "env": self.env.unwrapped.state_dict(),
+            "metrics": self.log.state_dict(),
+        }
+        save_checkpoint(self.path, self.identity, step, state)
+
+    def restore(self) -> int:
+        """Load the checkpoint into the (freshly built) run; return its step.
+
+        A failure raises before the run takes a single step, so a run never continues from
+        a partly restored state.
+        """
+        step, state = load_checkpoint(self.path, self.identity)
+        try:
+            self.engine.load_state_dict(state["engine"])
+            self.env.unwrapped.load_state_dict(state["env"])
+            self.log.load_state_dict(state["metrics"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint {self.path} does not fit this run: {error}"
+            ) from error
+        return step
 
 
 def run_experiment(
@@ -148,6 +261,8 @@ def run_experiment(
     *,
     progress: bool = True,
     on_log: Callable[[int, float], None] | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run one prediction experiment and write ``metrics.csv``, ``config.json``, a plot.
 
@@ -156,9 +271,17 @@ def run_experiment(
         out_dir: folder for the outputs (created).
         progress: show a progress bar with steps/s and the current MSRE.
         on_log: called as ``on_log(step, mean_msre)`` at every log point.
+        checkpoint_every: write ``out_dir/checkpoint.pt`` every this many steps (trace envs);
+            None: no checkpoints.
+        resume: continue from ``out_dir/checkpoint.pt`` if there is one (else start afresh).
 
     Returns:
-        The final sliding MSRE of every stream and the throughput.
+        The final sliding MSRE of every stream, the throughput and the step started from.
+
+    Raises:
+        ValueError: on unknown names or bad values; if ``out_dir`` holds a checkpoint and
+            ``resume`` is False; ``CheckpointError`` (a ValueError) if the checkpoint is
+            corrupt or belongs to another run.
     """
     get_registry().spec(config.learner)  # an unknown learner fails before any work
     if config.env_id not in gym.registry:
@@ -166,7 +289,17 @@ def run_experiment(
             f"unknown environment {config.env!r}; use one of {', '.join(ENV_ALIASES)} or a "
             "registered Gymnasium id (import the package that registers it first)"
         )
+    if checkpoint_every is not None and (
+        not isinstance(checkpoint_every, int) or checkpoint_every < 1
+    ):
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     out = Path(out_dir)
+    checkpoint_path = out / CHECKPOINT_NAME
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(
+            f"{out} holds the checkpoint of an unfinished run ({checkpoint_path}); pass "
+            "--resume to continue it, or delete the file to start over"
+        )
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, config.dtype)
     env_kwargs = dict(config.env_kwargs)
@@ -214,10 +347,32 @@ def run_experiment(
 
     has_targets = hasattr(env.unwrapped, "rollout") and "return_target" in info
     log = _MetricLog(config.streams, config.msre_window, episodic=not has_targets)
-    bar = tqdm(total=config.steps, unit="step", disable=not progress, smoothing=0.05)
+    checkpointer = None
+    if checkpoint_every is not None or (resume and checkpoint_path.exists()):
+        if not (has_targets and hasattr(env.unwrapped, "state_dict")):
+            raise ValueError(
+                f"checkpoints need an environment that saves its own state (state_dict / "
+                f"load_state_dict, as the trace envs do); {config.env} does not"
+            )
+        checkpointer = _Checkpointer(
+            checkpoint_path,
+            checkpoint_every or config.steps,
+            run_identity(config),
+            env,
+            engine,
+            log,
+        )
+    first_step = 0
+    if checkpointer is not None and resume and checkpoint_path.exists():
+        first_step = checkpointer.restore()
+    bar = tqdm(
+        total=config.steps, initial=first_step, unit="step", disable=not progress, smoothing=0.05
+    )
     started = time.perf_counter()
     if has_targets:
-        _run_with_targets(env, engine, log, config, observation, info, bar, on_log)
+        _run_with_targets(
+            env, engine, log, config, (observation, info), bar, on_log, first_step, checkpointer
+        )
     else:
         _run_episodic(env, engine, log, config, observation, gamma, bar, on_log)
     elapsed = time.perf_counter() - started
@@ -234,8 +389,11 @@ def run_experiment(
         ylabel=f"MSRE (sliding mean over {config.msre_window:,} steps)",
         reference_lines={"predict zero": np.stack([row[2] for row in log.rows]).mean(1)},
     )
+    checkpoint_path.unlink(missing_ok=True)
     final_learner, final_zero = log.values()
-    return RunResult(out, final_learner, final_zero, config.steps / elapsed)
+    return RunResult(
+        out, final_learner, final_zero, (config.steps - first_step) / elapsed, first_step
+    )
 
 
 def _advance_log(
@@ -259,21 +417,31 @@ def _run_with_targets(
     engine: TDPredictor,
     log: _MetricLog,
     config: RunConfig,
-    observation: np.ndarray,
-    info: dict[str, Any],
+    reset_result: tuple[np.ndarray, dict[str, Any]],
     bar: tqdm,
     on_log: Callable[[int, float], None] | None,
+    first_step: int,
+    checkpointer: _Checkpointer | None,
 ) -> None:
-    """Trace envs: exact return targets every step, many steps generated per call."""
+    """Trace envs: exact return targets every step, many steps generated per call.
+
+    Starts from the reset observation when ``first_step`` is 0, else from a restored state.
+    Chunks end on checkpoint boundaries, where the checkpointer saves the state.
+    """
     dtype = engine.learner.dtype
     streams = config.streams
-    first_observation = torch.as_tensor(observation, dtype=dtype).reshape(streams, -1)
-    prediction = engine.step(first_observation, torch.zeros(streams, 1, dtype=dtype))
-    first_target = np.asarray(info["return_target"], dtype=np.float64)
-    _score(log, prediction, first_target)
-    step = 1
+    step = first_step
+    if step == 0:
+        observation, info = reset_result
+        first_observation = torch.as_tensor(observation, dtype=dtype).reshape(streams, -1)
+        prediction = engine.step(first_observation, torch.zeros(streams, 1, dtype=dtype))
+        _score(log, prediction, np.asarray(info["return_target"], dtype=np.float64))
+        step = 1
+        bar.update(1)
     while step < config.steps:
         chunk = min(ROLLOUT_CHUNK, config.steps - step)
+        if checkpointer is not None:
+            chunk = min(chunk, checkpointer.every - step % checkpointer.every)
         observations, cumulants, targets = env.unwrapped.rollout(chunk)
         observations = torch.as_tensor(observations, dtype=dtype).reshape(chunk, streams, -1)
         cumulants = torch.as_tensor(cumulants, dtype=dtype).reshape(chunk, streams, 1)
@@ -282,7 +450,9 @@ def _run_with_targets(
             _score(log, prediction, targets[t])
             step += 1
             _advance_log(log, step, config, bar, on_log)
-        bar.update(chunk if step < config.steps else chunk + 1)
+        bar.update(chunk)
+        if checkpointer is not None and step % checkpointer.every == 0 and step < config.steps:
+            checkpointer.save(step)
 
 
 def _score(log: _MetricLog, prediction: torch.Tensor, target: np.ndarray) -> None:

@@ -40,16 +40,48 @@ class TDRMSProp(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                state = self.state[param]
-                if "second_moment" not in state:
-                    state["second_moment"] = torch.ones_like(param)
-                second_moment = state["second_moment"]
+                second_moment = self.second_moment(param)
                 second_moment.mul_(group["beta"]).addcmul_(
                     param.grad, param.grad, value=1.0 - group["beta"]
                 )
                 param.addcdiv_(
                     param.grad, second_moment.sqrt().add_(group["eps"]), value=-group["lr"]
                 )
+
+
+    def second_moment(self, param: Tensor) -> Tensor:
+        """The running ``v`` of ``param`` (created at 1 on first use)."""
+        state = self.state[param]
+        if "second_moment" not in state:
+            state["second_moment"] = torch.ones_like(param)
+        return state["second_moment"]
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, param: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The state tensors one step of ``optimizer`` reads and writes for ``param``.
+
+    Created as the optimiser's own first step would create them, so a fused kernel can update
+    them in place and the optimiser (and its ``state_dict``) carries on from there.
+
+    Returns:
+        ``(second_moment, None, None)`` for ``TDRMSProp``; ``(exp_avg, exp_avg_sq, step)`` for
+        ``torch.optim.Adam``; ``(None, None, None)`` for ``torch.optim.SGD`` without momentum.
+    """
+    if isinstance(optimizer, TDRMSProp):
+        return optimizer.second_moment(param), None, None
+    if isinstance(optimizer, torch.optim.Adam):
+        state = optimizer.state[param]
+        if not state:  # as torch.optim.Adam._init_group, without capturable/fused/amsgrad
+            scalar_dtype = (
+                torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            )
+            state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state["exp_avg"], state["exp_avg_sq"], state["step"]
+    return None, None, None
 
 
 def make_optimizer(name: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -14,6 +14,11 @@ One step of the engine, per stream ``b`` and cumulant ``k`` (background §2)::
 learner's own online estimate; for the head it is ``phi_t``. With shared parameters
 (``[1, ...]``) the per-stream updates are averaged; with independent ones each stream
 updates its own copy. ``gamma_t = 0`` marks the end of an episode: no bootstrapping across it.
+
+Two implementations of the step, chosen by ``TDConfig.backend``: the eager one below (torch
+ops; any learner, device and optimiser: the reference) and ``agentstate.fused`` (the same step
+in one compiled call for learners that provide a ``fused_layout``: columnar, CCN, T-BPTT, on
+the CPU). They agree to rounding, and the tests hold them to it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate import fused
 from agentstate.learner import StateLearner
 from agentstate.normalization import OnlineNormalizer
 from agentstate.optim import OPTIMIZERS, make_optimizer
+
+BACKENDS = ("auto", "eager", "fused")
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class TDConfig:
     """Lower bound on running variances (the authors' std_cap)."""
     train_learner: bool = True
     """Update the learner's parameters (False: only the heads learn)."""
+    backend: str = "auto"
+    """``auto``: the fused kernel where it applies (``agentstate.fused``), else eager;
+    ``eager``: always the torch ops; ``fused``: the kernel or an error saying why not."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
@@ -71,6 +82,10 @@ class TDConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend {self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}"
             )
 
 
@@ -116,6 +131,26 @@ class TDPredictor:
         self._learner_params: dict[str, Tensor] = {}
         self.learner_traces: dict[str, Tensor] = {}
         self.optimizer: torch.optim.Optimizer = self._build_optimizer()
+        self._fused = self._fused_step()
+
+    def _fused_step(self) -> fused.FusedTDStep | None:
+        """The fused step if ``config.backend`` asks for it and it applies, else None."""
+        if self.config.backend == "eager":
+            return None
+        reason = fused.unsupported_reason(self)
+        library = fused.load_library() if reason is None else None
+        if reason is None and library is None:
+            reason = "the kernel could not be built (see the warning above)"
+        if reason is not None:
+            if self.config.backend == "fused":
+                raise ValueError(f"backend='fused' cannot run this predictor: {reason}")
+            return None
+        return fused.FusedTDStep(self, library)
+
+    @property
+    def backend(self) -> str:
+        """The implementation in use: ``fused`` or ``eager``."""
+        return "eager" if self._fused is None else "fused"
 
     # ---------------------------------------------------------------- set-up
     def _normalizer(self, size: int, enabled: bool) -> OnlineNormalizer:
@@ -195,12 +230,33 @@ class TDPredictor:
             Predictions ``y_t: [B, n_cumulants]``, made before this step's update.
         """
         learner = self.learner
-        self._check(observation, "observation", (learner.streams, learner.input_size))
-        self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants))
-        gamma = self._discount(discount)
+        checked = self._fused is None  # the kernel checks finiteness itself, much cheaper
+        self._check(observation, "observation", (learner.streams, learner.input_size), checked)
+        self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants), checked)
+        gamma = self._discount(discount, checked)
         if episode_start is not None:
             self.reset_streams(episode_start)
+        if self._fused is not None:
+            layout = learner.fused_layout()  # type: ignore[attr-defined]
+            if self._learner_params_changed():  # a constructive learner's next stage
+                self.optimizer = self._build_optimizer()
+            prediction = self._fused.step(layout, observation, cumulant, gamma)
+            if prediction is not None:
+                return prediction
+            # Not finite: nothing changed; the eager checks say where.
+            self._check(observation, "observation", (learner.streams, learner.input_size))
+            self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants))
+            self._discount(discount)
+            raise RuntimeError("the fused kernel refused inputs that the eager checks accept")
+        if not isinstance(gamma, Tensor):
+            gamma = torch.full(
+                (learner.streams,), gamma, dtype=learner.dtype, device=learner.device
+            )
+        return self._eager_step(observation, cumulant, gamma)
 
+    def _eager_step(self, observation: Tensor, cumulant: Tensor, gamma: Tensor) -> Tensor:
+        """The step in torch ops: the reference the fused kernel is tested against."""
+        learner = self.learner
         normalized_observation = self.input_normalizer.normalize(observation)
         self.input_normalizer.update(observation)
         state = learner.step(normalized_observation)
@@ -227,7 +283,7 @@ class TDPredictor:
                     trace_k.mul_(trace_decay.view(-1, *([1] * (trace_k.dim() - 1))))
                     trace_k.add_(gradient[key])
 
-        self.previous_prediction = prediction
+        self.previous_prediction.copy_(prediction)
         self.has_previous.fill_(True)
         return prediction
 
@@ -253,16 +309,14 @@ class TDPredictor:
             parts.append(torch.ones_like(normalized_state[:, :1]))
         return torch.cat(parts, dim=1)
 
-    def _discount(self, discount: Tensor | float | None) -> Tensor:
-        learner = self.learner
+    def _discount(self, discount: Tensor | float | None, finite: bool = True) -> Tensor | float:
+        """``discount`` checked: a ``[B]`` tensor, or a float (``config.gamma`` for None)."""
         if discount is None:
-            discount = self.config.gamma
+            return float(self.config.gamma)
         if isinstance(discount, Tensor):
-            self._check(discount, "discount", (learner.streams,))
+            self._check(discount, "discount", (self.learner.streams,), finite)
             return discount
-        return torch.full(
-            (learner.streams,), float(discount), dtype=learner.dtype, device=learner.device
-        )
+        return float(discount)
 
     def reset_streams(self, mask: Tensor) -> None:
         """Start a new episode on the streams in ``mask: [B] bool``."""
@@ -283,7 +337,10 @@ class TDPredictor:
         self.previous_prediction[mask] = 0.0
         self.has_previous[mask] = False
 
-    def _check(self, tensor: Any, label: str, shape: tuple[int, ...]) -> None:
+    def _check(
+        self, tensor: Any, label: str, shape: tuple[int, ...], finite: bool = True
+    ) -> None:
+        """Refuse a wrong type, shape, dtype or device, and (if ``finite``) a NaN or inf."""
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{label} must be a torch.Tensor of shape {list(shape)}")
         if tuple(tensor.shape) != shape:
@@ -293,7 +350,12 @@ class TDPredictor:
                 f"{label} has dtype {tensor.dtype}; the learner uses {self.learner.dtype}: "
                 f"convert with .to({self.learner.dtype})"
             )
-        if not bool(torch.isfinite(tensor).all()):
+        if tensor.device != self.learner.device:
+            raise ValueError(
+                f"{label} is on {tensor.device} but the learner is on {self.learner.device}; "
+                f"move it with .to('{self.learner.device}')"
+            )
+        if finite and not bool(torch.isfinite(tensor).all()):
             stream = int((~torch.isfinite(tensor)).nonzero()[0, 0])
             raise ValueError(
                 f"{label} holds a non-finite value (first in stream {stream}); clean the "
@@ -319,7 +381,10 @@ class TDPredictor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict``; a different config or shape is refused."""
-        if state["config"] != asdict(self.config) or state["n_cumulants"] != self.n_cumulants:
+        if (
+            _learning_settings(state["config"]) != _learning_settings(asdict(self.config))
+            or state["n_cumulants"] != self.n_cumulants
+        ):
             raise ValueError(
                 "cannot load TD state: it was saved with config "
                 f"{state['config']} and {state['n_cumulants']} cumulant(s), this engine has "
@@ -334,3 +399,8 @@ class TDPredictor:
         self.input_normalizer.load_state_dict(state["input_normalizer"])
         self.feature_normalizer.load_state_dict(state["feature_normalizer"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _learning_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without ``backend``: states saved by either implementation load in both."""
+    return {key: value for key, value in config.items() if key != "backend"}

@@ -2,7 +2,8 @@
 
 Ids (each with a native ``vector_entry_point`` for ``gymnasium.make_vec``):
 ``agentstate/TraceConditioning-v0``, ``agentstate/TracePatterning-v0``,
-``agentstate/NoisyPatterning-v0``.
+``agentstate/NoisyPatterning-v0``. ``agentstate/AtariPrediction-v0`` (needs the ``atari`` extra:
+ale-py, opencv) registers by name only, so importing agentstate never imports ale-py.
 """
 
 import gymnasium
@@ -51,3 +52,15 @@ def _register_trace_envs() -> None:
 
 
 _register_trace_envs()
+
+
+def _register_atari_prediction() -> None:
+    """Register the Atari Prediction Benchmark lazily (a string entry point), once."""
+    if "agentstate/AtariPrediction-v0" not in gymnasium.registry:
+        gymnasium.register(
+            id="agentstate/AtariPrediction-v0",
+            entry_point="agentstate.envs.atari_prediction:AtariPrediction",
+        )
+
+
+_register_atari_prediction()

@@ -13,6 +13,7 @@ Interface (all six classes):
     * ``info["return_target"]`` = G_t = Σ_{k≥1} γ^{k−1} c_{t+k}, the exact discounted future
       cumulant (infinite horizon, truncation below 1e-14), from ``reset`` and ``step``.
     * Never terminates or truncates. ``gamma`` holds the preset's discount.
+    * Vector envs save and restore their exact state with ``state_dict`` / ``load_state_dict``.
 
 Every number is a constructor argument; see :mod:`agentstate.envs.trace_presets` for the
 fields, the ``"jmlr2023"`` (default) and ``"rafiee2022"`` presets and what each means.
@@ -205,6 +206,18 @@ class _TraceVectorEnv(VectorEnv):
 
         """
         return self._streams.advance(n_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' complete state (generators, schedule, rendered steps), for checkpoints.
+
+        ``load_state_dict`` on an env built with the same arguments continues every stream
+        exactly where this one is; see :meth:`TrialStreams.state_dict`.
+        """
+        return self._streams.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``; a state of another config or size is refused."""
+        self._streams.load_state_dict(state)
 
     def _info(self, return_targets: np.ndarray) -> dict[str, Any]:
         return {"return_target": return_targets, "_return_target": np.ones(self.num_envs, bool)}

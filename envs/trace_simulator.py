@@ -13,8 +13,11 @@ G_t = Σ_{k≥1} γ^{k−1} c_{t+k} with c the US bit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +36,18 @@ _NEVER = np.iinfo(np.int64).max // 4  # a step no stream reaches; pads and silen
 
 # Columns of the run table, one row per run: [stream, channel, start, end).
 _STREAM, _CHANNEL, _START, _END = range(4)
+
+# Arrays (with their dtypes) that, with the generators and the two counters, are the whole
+# simulator state after a reset; ``state_dict`` saves exactly these.
+_STATE_ARRAYS = {
+    "valid_patterns": bool,
+    "_valid_codes": np.int64,
+    "_next_trial_onset": np.int64,
+    "_distractor_free": np.int64,
+    "_runs": np.int64,
+    "_chunk_observations": bool,
+    "_chunk_returns": np.float64,
+}
 
 
 def lookahead_horizon(gamma: float, tolerance: float = RETURN_TOLERANCE) -> int:
@@ -157,6 +172,71 @@ class TrialStreams:
             self._trial_rngs.append(np.random.default_rng(trial_seed))
             self._distractor_rngs.append(np.random.default_rng(distractor_seed))
         self._valid_codes = self.valid_patterns.astype(np.int64) @ self._pattern_codes_weights
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the streams exactly, for checkpoints.
+
+        Returns:
+            The config (as a dict), the number of streams, every generator's
+            ``bit_generator.state`` and copies of the schedule and rendered-chunk arrays.
+
+        Raises:
+            RuntimeError: before the first ``reset``.
+
+        """
+        if not self._trial_rngs:
+            raise RuntimeError("reset() must be called before state_dict()")
+        return {
+            "config": dataclasses.asdict(self.config),
+            "n_streams": self.n_streams,
+            "trial_rngs": [rng.bit_generator.state for rng in self._trial_rngs],
+            "distractor_rngs": [rng.bit_generator.state for rng in self._distractor_rngs],
+            "chunk_start": int(self._chunk_start),
+            "cursor": int(self._cursor),
+            "arrays": {name: getattr(self, name).copy() for name in _STATE_ARRAYS},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from ``state_dict``; another config or stream count is refused whole.
+
+        Args:
+            state: a ``state_dict()``; its arrays may be any array-likes (e.g. CPU tensors).
+
+        Raises:
+            ValueError: if ``state`` was saved by a simulator with another config or number
+                of streams, or misses an array.
+
+        """
+        for key, expected in (
+            ("config", dataclasses.asdict(self.config)),
+            ("n_streams", self.n_streams),
+        ):
+            if state.get(key) != expected:
+                raise ValueError(
+                    f"cannot load simulator state: {key} is {state.get(key)!r} in the saved "
+                    f"state but {expected!r} here"
+                )
+        missing = set(_STATE_ARRAYS) - set(state["arrays"])
+        if missing:
+            raise ValueError(f"cannot load simulator state: arrays {sorted(missing)} missing")
+        arrays = {
+            name: np.asarray(state["arrays"][name], dtype=dtype).copy()
+            for name, dtype in _STATE_ARRAYS.items()
+        }
+        trial_rngs = [self._generator(saved) for saved in state["trial_rngs"]]
+        distractor_rngs = [self._generator(saved) for saved in state["distractor_rngs"]]
+        for name, array in arrays.items():
+            setattr(self, name, array)
+        self._trial_rngs, self._distractor_rngs = trial_rngs, distractor_rngs
+        self._chunk_start = int(state["chunk_start"])
+        self._cursor = int(state["cursor"])
+
+    @staticmethod
+    def _generator(bit_generator_state: Mapping[str, Any]) -> np.random.Generator:
+        """A generator (PCG64, as ``_seed`` makes) continuing from a saved state."""
+        generator = np.random.default_rng()
+        generator.bit_generator.state = dict(bit_generator_state)
+        return generator
 
     def advance(self, n_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Advance every stream ``n_steps`` steps.

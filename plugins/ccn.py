@@ -32,10 +32,11 @@ column whose input ``z`` is exogenous: columnar RTRL is exact. With ``kappa = dc
     S^c_t = f S^c_t-1 + (kappa . u) S^h_t-1 + kappa (x) z
     S^h_t = tanh(c_t) o(1-o) (u_o S^h_t-1 + e_o (x) z) + o (1 - tanh(c_t)^2) S^c_t
 
-The sensitivities start at 0 when a stage starts (its columns did not exist before), so ``grad``
-is the exact gradient of ``v . h_t`` with respect to the active weights through the network as
-it actually ran since the stage began: its frozen columns' trajectories, whatever weights the
-earlier stages had while they were trained.
+(``agentstate.plugins.columnar.column_sensitivities``). The sensitivities start at 0 when a
+stage starts (its columns did not exist before), so ``grad`` is the exact gradient of
+``v . h_t`` with respect to the active weights through the network as it actually ran since the
+stage began: its frozen columns' trajectories, whatever weights the earlier stages had while
+they were trained.
 
 Schedule. ``step`` counts its calls in the active stage; the step after the ``S``-th runs in the
 next stage (``advance_stage()`` moves on at once). The last stage stays active forever. On a
@@ -60,11 +61,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate.fused import ColumnStages
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner
 from agentstate.registry import LearnerSpec
 
-from .columnar import GATE_O, N_GATES, column_preactivations, gate_activations
+from .columnar import N_GATES, column_preactivations, column_sensitivities, gate_activations
 
 CCN_PRESETS: dict[str, dict[str, int]] = {
     "columnar-7": {"n_features": 7, "columns_per_stage": 7, "steps_per_stage": 50_000_000},
@@ -134,58 +136,6 @@ class CCNConfig:
     def n_stages(self) -> int:
         """Number of stages ``T / L``."""
         return self.n_features // self.columns_per_stage
-
-
-def column_sensitivities(
-    recurrent_weight: Tensor,
-    column_input: Tensor,
-    gates: tuple[Tensor, Tensor, Tensor, Tensor],
-    c_prev: Tensor,
-    c: Tensor,
-    sensitivity_h: Tensor,
-    sensitivity_c: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """One exact RTRL step of independent scalar-state LSTM columns (module docstring).
-
-    Args:
-        recurrent_weight: ``[P, n, 4]`` self-recurrent weight ``u`` of each gate.
-        column_input: ``[B, n, m]`` what each column's weights multiply, ``z``.
-        gates: ``(i, f, g, o)``, each ``[B, n]``, of this step.
-        c_prev: ``[B, n]`` cell state before the step.
-        c: ``[B, n]`` cell state after the step.
-        sensitivity_h: ``[B, n, 4, m]`` ``dh_t-1/dW`` of each column's own weights.
-        sensitivity_c: ``[B, n, 4, m]`` ``dc_t-1/dW``.
-
-    Returns:
-        ``(dh_t/dW, dc_t/dW)``, each ``[B, n, 4, m]``.
-
-    """
-    input_gate, forget_gate, candidate, output_gate = gates
-    dc_dpreactivation = torch.stack(
-        [
-            candidate * input_gate * (1 - input_gate),
-            c_prev * forget_gate * (1 - forget_gate),
-            input_gate * (1 - candidate * candidate),
-            torch.zeros_like(c),
-        ],
-        dim=-1,
-    )
-    dc_dh_prev = (dc_dpreactivation * recurrent_weight).sum(-1)
-    new_sensitivity_c = (
-        forget_gate[..., None, None] * sensitivity_c
-        + dc_dh_prev[..., None, None] * sensitivity_h
-        + dc_dpreactivation.unsqueeze(-1) * column_input.unsqueeze(-2)
-    )
-    tanh_c = torch.tanh(c)
-    dh_doutput_preactivation = tanh_c * output_gate * (1 - output_gate)
-    dh_dc = output_gate * (1 - tanh_c * tanh_c)
-    dh_dh_prev_through_output_gate = dh_doutput_preactivation * recurrent_weight[..., GATE_O]
-    new_sensitivity_h = (
-        dh_dh_prev_through_output_gate[..., None, None] * sensitivity_h
-        + dh_dc[..., None, None] * new_sensitivity_c
-    )
-    new_sensitivity_h[:, :, GATE_O, :] += dh_doutput_preactivation.unsqueeze(-1) * column_input
-    return new_sensitivity_h, new_sensitivity_c
 
 
 class CCNLearner(StateLearner):
@@ -360,7 +310,7 @@ class CCNLearner(StateLearner):
             dim=-1,
         )
         input_gate, forget_gate, candidate, output_gate = (gate[:, active] for gate in gates)
-        self.sensitivity_h, self.sensitivity_c = column_sensitivities(
+        column_sensitivities(
             weight[..., active_input.shape[1]],
             column_input,
             (input_gate, forget_gate, candidate, output_gate),
@@ -376,13 +326,13 @@ class CCNLearner(StateLearner):
         return h
 
     def _update_feature_statistics(self, earlier_features: Tensor) -> None:
-        """EMA of the active stage's feature mean and variance (module docstring)."""
+        """EMA of the active stage's feature mean and variance (module docstring), in place."""
         stage, rate = self._active_stage, self.config.normalization_rate
-        mean = rate * self.feature_mean[stage] + (1 - rate) * self._over_streams(earlier_features)
+        mean, variance = self.feature_mean[stage], self.feature_variance[stage]
+        mean.mul_(rate).add_((1 - rate) * self._over_streams(earlier_features))
         squared_deviation = self._over_streams((earlier_features - mean) ** 2)
-        variance = rate * self.feature_variance[stage] + (1 - rate) * squared_deviation
-        self.feature_mean[stage] = mean
-        self.feature_variance[stage] = variance.clamp_min(self.config.variance_floor)
+        variance.mul_(rate).add_((1 - rate) * squared_deviation)
+        variance.clamp_(min=self.config.variance_floor)
 
     def _over_streams(self, value: Tensor) -> Tensor:
         """``value: [B, ...]`` averaged over the streams when they share one network."""
@@ -398,6 +348,32 @@ class CCNLearner(StateLearner):
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity_h": self.sensitivity_h, "sensitivity_c": self.sensitivity_c}
+
+    def fused_layout(self) -> ColumnStages:
+        """The tensors the fused TD step advances in place for this step.
+
+        Starts the next stage first when the schedule says so, as ``step`` does; the step is
+        counted (``step_taken``) once the kernel has run.
+        """
+        if self.steps_in_stage >= self.config.steps_per_stage:
+            self.advance_stage()
+        built = self._active_stage + 1
+        return ColumnStages(
+            weights=(*self.stage_weights[: built - 1], self.params["weight"]),
+            feature_mean=self.feature_mean[:built],
+            feature_variance=self.feature_variance[:built],
+            carry=self.carry,
+            sensitivity_h=self.sensitivity_h,
+            sensitivity_c=self.sensitivity_c,
+            columns_per_stage=self.config.columns_per_stage,
+            normalize_features=self.config.normalize_features,
+            normalization_rate=self.config.normalization_rate,
+            variance_floor=self.config.variance_floor,
+            step_taken=self._count_step,
+        )
+
+    def _count_step(self) -> None:
+        self.steps_in_stage += 1
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ weight of gate ``k``)::
     S^c_t = f S^c_t-1 + (kappa . u) S^h_t-1 + kappa (x) z
     S^h_t = tanh(c_t) o(1-o) (u_o S^h_t-1 + e_o (x) z) + o (1 - tanh(c_t)^2) S^c_t
 
-where ``(x)`` is the outer product and ``e_o`` selects the output gate's row.
+where ``(x)`` is the outer product and ``e_o`` selects the output gate's row
+(``column_sensitivities``, shared with ``agentstate.plugins.ccn``). The TD engine's fused
+kernel (``agentstate.fused``) runs the same equations; ``fused_layout`` hands it the tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from agentstate.fused import ColumnStages
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner
 from agentstate.registry import LearnerSpec
@@ -77,6 +80,52 @@ def gate_activations(preactivation: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
     candidate = torch.tanh(preactivation[..., GATE_G])
     output_gate = torch.sigmoid(preactivation[..., GATE_O])
     return input_gate, forget_gate, candidate, output_gate
+
+
+def column_sensitivities(
+    recurrent_weight: Tensor,
+    column_input: Tensor,
+    gates: tuple[Tensor, Tensor, Tensor, Tensor],
+    c_prev: Tensor,
+    c: Tensor,
+    sensitivity_h: Tensor,
+    sensitivity_c: Tensor,
+) -> None:
+    """One exact RTRL step of independent scalar-state LSTM columns, in place.
+
+    Args:
+        recurrent_weight: ``[P, n, 4]`` self-recurrent weight ``u`` of each gate.
+        column_input: ``[B, n, m]`` what each column's weights multiply, ``z``.
+        gates: ``(i, f, g, o)``, each ``[B, n]``, of this step.
+        c_prev: ``[B, n]`` cell state before the step.
+        c: ``[B, n]`` cell state after the step.
+        sensitivity_h: ``[B, n, 4, m]`` ``dh_t-1/dW`` of each column's own weights; becomes
+            ``dh_t/dW``.
+        sensitivity_c: ``[B, n, 4, m]`` ``dc_t-1/dW``; becomes ``dc_t/dW``.
+    """
+    input_gate, forget_gate, candidate, output_gate = gates
+    dc_dpreactivation = torch.stack(
+        [
+            candidate * input_gate * (1 - input_gate),
+            c_prev * forget_gate * (1 - forget_gate),
+            input_gate * (1 - candidate * candidate),
+            torch.zeros_like(c),
+        ],
+        dim=-1,
+    )
+    dc_dh_prev = (dc_dpreactivation * recurrent_weight).sum(-1)
+    # S^c_t = f S^c_t-1 + (kappa . u) S^h_t-1 + kappa (x) z
+    sensitivity_c.mul_(forget_gate[..., None, None])
+    sensitivity_c.add_(dc_dh_prev[..., None, None] * sensitivity_h)
+    sensitivity_c.add_(dc_dpreactivation.unsqueeze(-1) * column_input.unsqueeze(-2))
+    # S^h_t = tanh(c_t) o(1-o) (u_o S^h_t-1 + e_o (x) z) + o (1 - tanh(c_t)^2) S^c_t
+    tanh_c = torch.tanh(c)
+    dh_doutput_preactivation = tanh_c * output_gate * (1 - output_gate)
+    dh_dc = output_gate * (1 - tanh_c * tanh_c)
+    dh_dh_prev_through_output_gate = dh_doutput_preactivation * recurrent_weight[..., GATE_O]
+    sensitivity_h.mul_(dh_dh_prev_through_output_gate[..., None, None])
+    sensitivity_h.add_(dh_dc[..., None, None] * sensitivity_c)
+    sensitivity_h[:, :, GATE_O, :] += dh_doutput_preactivation.unsqueeze(-1) * column_input
 
 
 class ColumnarLearner(StateLearner):
@@ -137,12 +186,10 @@ class ColumnarLearner(StateLearner):
     def _advance(self, x: Tensor) -> Tensor:
         weight = self.params["weight"]
         h_prev, c_prev = self.carry
-        input_gate, forget_gate, candidate, output_gate = gate_activations(
-            column_preactivations(weight, h_prev, x)
-        )
+        gates = gate_activations(column_preactivations(weight, h_prev, x))
+        input_gate, forget_gate, candidate, output_gate = gates
         c = forget_gate * c_prev + input_gate * candidate
-        tanh_c = torch.tanh(c)
-        h = output_gate * tanh_c
+        h = output_gate * torch.tanh(c)
 
         # z = [x, h_prev, 1] for every column: what each column's weights multiply.
         column_input = torch.cat(
@@ -153,30 +200,15 @@ class ColumnarLearner(StateLearner):
             ],
             dim=-1,
         )
-        dc_dpreactivation = torch.stack(
-            [
-                candidate * input_gate * (1 - input_gate),
-                c_prev * forget_gate * (1 - forget_gate),
-                input_gate * (1 - candidate * candidate),
-                torch.zeros_like(c),
-            ],
-            dim=-1,
+        column_sensitivities(
+            weight[..., self.input_size],
+            column_input,
+            gates,
+            c_prev,
+            c,
+            self.sensitivity_h,
+            self.sensitivity_c,
         )
-        recurrent_weight = weight[..., self.input_size]
-        dc_dh_prev = (dc_dpreactivation * recurrent_weight).sum(-1)
-        sensitivity_c = (
-            forget_gate[..., None, None] * self.sensitivity_c
-            + dc_dh_prev[..., None, None] * self.sensitivity_h
-            + dc_dpreactivation.unsqueeze(-1) * column_input.unsqueeze(-2)
-        )
-        dh_doutput_preactivation = tanh_c * output_gate * (1 - output_gate)
-        dh_dc = output_gate * (1 - tanh_c * tanh_c)
-        sensitivity_h = (dh_doutput_preactivation * recurrent_weight[..., GATE_O])[
-            ..., None, None
-        ] * self.sensitivity_h + dh_dc[..., None, None] * sensitivity_c
-        sensitivity_h[:, :, GATE_O, :] += dh_doutput_preactivation.unsqueeze(-1) * column_input
-
-        self.sensitivity_h, self.sensitivity_c = sensitivity_h, sensitivity_c
         self.carry = (h, c)
         return h
 
@@ -189,6 +221,21 @@ class ColumnarLearner(StateLearner):
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity_h": self.sensitivity_h, "sensitivity_c": self.sensitivity_c}
+
+    def fused_layout(self) -> ColumnStages:
+        """The tensors the fused TD step advances in place: one stage whose columns all learn."""
+        return ColumnStages(
+            weights=(self.params["weight"],),
+            feature_mean=(),
+            feature_variance=(),
+            carry=self.carry,
+            sensitivity_h=self.sensitivity_h,
+            sensitivity_c=self.sensitivity_c,
+            columns_per_stage=self.n_features,
+            normalize_features=False,
+            normalization_rate=1.0,
+            variance_floor=1.0,
+        )
 
 
 @hookimpl

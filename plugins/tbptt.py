@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate.fused import DenseWindow
 from agentstate.hookspecs import hookimpl
 from agentstate.registry import LearnerSpec
 
@@ -112,7 +113,7 @@ class TBPTTLearner(DenseLSTMLearner):
         for window, newest in window_and_step:
             window[1:] = window[:-1].clone()  # age every slot by one step; the oldest drops out
             window[0] = newest
-        self.steps_in_window = (self.steps_in_window + 1).clamp_max(self.truncation)
+        self.steps_in_window.add_(1).clamp_(max=self.truncation)
         self.carry = (activations.h, activations.c)
         return activations.h
 
@@ -140,6 +141,20 @@ class TBPTTLearner(DenseLSTMLearner):
 
     def _reset_credit(self, mask: Tensor) -> None:
         self.steps_in_window[mask] = 0
+
+    def fused_layout(self) -> DenseWindow:
+        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        return DenseWindow(
+            self.params["weight"],
+            self.carry,
+            self.window_cell_input,
+            self.window_dc_dpreactivation,
+            self.window_dh_dpreactivation,
+            self.window_dc_dc_prev,
+            self.window_dh_dc,
+            self.steps_in_window,
+            self.truncation,
+        )
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {

@@ -7,4 +7,9 @@ A module's ``add_parser`` adds its verb to the sub-parsers and sets ``handler`` 
 COMMAND_MODULES = [
     "agentstate.commands.run",
     "agentstate.commands.learners",
+    "agentstate.commands.sweep",
+    "agentstate.commands.results",
+    "agentstate.commands.predict_atari",
+    "agentstate.commands.gradcheck",
+    "agentstate.commands.bench",
 ]

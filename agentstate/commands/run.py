@@ -73,6 +73,18 @@ def add_parser(verbs: Any) -> None:
         metavar="KEY=VALUE",
         help="environment constructor argument, e.g. preset=rafiee2022 (repeatable)",
     )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write the complete run state to OUT/checkpoint.pt every N steps (trace envs)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt if there is one (same settings required)",
+    )
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=handle)
@@ -98,11 +110,18 @@ def handle(args: argparse.Namespace) -> int:
         env_kwargs=parse_key_values(args.env_kwarg, "--env-kwarg"),
         dtype=args.dtype,
     )
-    result = run_experiment(config, args.out, progress=not args.no_progress)
+    result = run_experiment(
+        config,
+        args.out,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+    resumed = f"resumed at step {result.first_step:,}; " if result.first_step else ""
     print(
         f"final MSRE {result.final_msre.mean():.5g} (predict zero "
         f"{result.final_msre_zero.mean():.5g}) over {config.streams} streams, "
-        f"{result.steps_per_second:,.0f} steps/s; wrote {result.out_dir}/metrics.csv, "
+        f"{result.steps_per_second:,.0f} steps/s; {resumed}wrote {result.out_dir}/metrics.csv, "
         "config.json, learning_curve.png"
     )
     return 0

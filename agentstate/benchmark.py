@@ -1,0 +1,455 @@
+"""Speed of the TD(lambda) step, every case side by side in one process (``agentstate bench``).
+
+All times are µs per *stream-step* (one call's time divided by its streams) of a full
+``TDPredictor.step`` -- input normalisation, the learner's step and credit assignment, heads,
+TD error, optimiser (``rmsprop_td``) and traces -- in float32 on one CPU thread. Each time is
+the minimum over many ~2 ms windows (the machine may be shared: the minimum is the run
+least disturbed), with the implementations measured alternately in rounds.
+
+* ``cases``: the targets of issue 6, for the fused kernel (``agentstate.fused``), the eager
+  torch reference, and -- for the small columnar cases -- a naive eager RTRL that takes the
+  cell's Jacobians from autograd every step (``NaiveColumnarRTRL``);
+* ``bandwidth``: the STREAM triad ``a = b + s c`` (torch, one thread, 128 MB arrays, counted
+  as 3 transfers of 4 bytes per element as STREAM does), and the fraction of it the large
+  columnar steps reach by the bytes they must move (``columnar_step_bytes``);
+* ``scaling``: per-step cost from ~1e3 to ~1e6 parameters per network, with the fitted
+  log-log slope (cost ~ parameters^slope), for columnar, CCN, SnAp-1, eLSTM, UORO and T-BPTT
+  (also against its hidden units, where the theory says 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from agentstate.learner import Carry, StateLearner
+from agentstate.registry import make_learner
+from agentstate.td import TDConfig, TDPredictor
+
+INPUTS = 12
+"""Observation size of the trace-patterning benchmark (and of the scaling runs)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the targets table."""
+
+    label: str
+    learner: str
+    streams: int
+    input_size: int
+    options: dict[str, Any]
+    target_us: float | None = None
+    """µs per stream-step to reach (None: the bandwidth cases, judged in their own table)."""
+    authors_us: float | None = None
+    """The authors' single-threaded C++ per step (background §2), for comparison."""
+    naive: bool = False
+    """Also time ``NaiveColumnarRTRL`` (small columnar cases: it is O(params x state))."""
+    last_stage: bool = False
+    """CCN: measure with every stage built (the most expensive stage)."""
+
+
+CASES = (
+    Case("columnar (1, 7, 12)", "columnar", 1, 12, {"n_features": 7}, 20.0, 3.7, naive=True),
+    Case("columnar (32, 7, 12)", "columnar", 32, 12, {"n_features": 7}, 1.8, 3.7, naive=True),
+    Case(
+        "CCN 20:4 (32 streams)",
+        "ccn",
+        32,
+        12,
+        {"n_features": 20, "columns_per_stage": 4, "steps_per_stage": 10**12},
+        2.8,
+        5.7,
+        last_stage=True,
+    ),
+    Case("columnar (32, 6, 275)", "columnar", 32, 275, {"n_features": 6}, 6.0, 51.0, naive=True),
+    Case("T-BPTT 15, k=4 (32 streams)", "tbptt", 32, 12, {"n_features": 15}, 15.0, 15.0),
+    Case("columnar (8, 256, 275)", "columnar", 8, 275, {"n_features": 256}),
+    Case("columnar (32, 256, 275)", "columnar", 32, 275, {"n_features": 256}),
+)
+BANDWIDTH_TARGET = 0.6
+"""Fraction of the triad bandwidth the large columnar step must reach."""
+
+SCALING: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
+    # learner: (size option, fixed options, sizes giving ~1e3, 1e4, 1e5, 1e6 parameters)
+    "columnar": ("n_features", {}, (18, 179, 1786, 17857)),
+    "ccn": ("columns_per_stage", {"steps_per_stage": 10**12}, (3, 12, 46, 155)),
+    "snap1": ("n_features", {"connection_density": 0.1}, (10, 44, 152, 494)),
+    "elstm": ("n_features", {}, (17, 81, 296, 980)),
+    "uoro": ("n_features", {}, (10, 44, 152, 494)),
+    "tbptt": ("n_features", {"truncation": 4}, (10, 44, 152, 494)),
+}
+CCN_STAGES = 5
+"""CCN scaling: ``n_features = 5 columns_per_stage``, measured in the last stage."""
+SCALING_STREAMS = 32
+LINEAR_SLOPE = (0.9, 1.1)
+
+
+# ---------------------------------------------------------------------- timing
+def time_side_by_side(
+    steps: Mapping[str, Callable[[], Any]], budget: float, window: float = 0.002, rounds: int = 3
+) -> dict[str, float]:
+    """Seconds per call of each step: the minimum over windows of ~``window`` seconds.
+
+    The steps take turns for ``rounds`` rounds of ``budget / rounds`` seconds each, so a
+    slow spell of a shared machine hits them all alike. Every step runs at least 2 windows.
+    """
+    calls_per_window = {}
+    for name, step in steps.items():
+        step()  # warm-up: first-use costs (allocation, binding) are not per-step costs
+        start = time.perf_counter()
+        step()
+        calls_per_window[name] = max(1, int(window / max(time.perf_counter() - start, 1e-9)))
+    best = dict.fromkeys(steps, math.inf)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            calls = calls_per_window[name]
+            end, windows = time.perf_counter() + budget / rounds / len(steps), 0
+            while windows < 2 or time.perf_counter() < end:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+                windows += 1
+    return best
+
+
+def td_step(predictor: TDPredictor, seed: int = 0, pool: int = 64) -> Callable[[], Tensor]:
+    """A closure stepping ``predictor`` on a cycle of ``pool`` pre-drawn sparse observations."""
+    learner = predictor.learner
+    generator = torch.Generator().manual_seed(seed)
+    shape = (pool, learner.streams, learner.input_size)
+    observations = (torch.rand(shape, generator=generator) < 0.3).to(learner.dtype)
+    cumulants = torch.rand(pool, learner.streams, predictor.n_cumulants, generator=generator)
+    cumulants = cumulants.to(learner.dtype)
+    counter = iter(range(1 << 62))
+
+    def step() -> Tensor:
+        t = next(counter) % pool
+        return predictor.step(observations[t], cumulants[t])
+
+    return step
+
+
+# ---------------------------------------------------------------------- the naive reference
+class NaiveColumnarRTRL(StateLearner):
+    """Exact RTRL for a columnar network the obvious way: autograd Jacobians every step.
+
+    ``S_t = (d s_t / d s_t-1) S_t-1 + d s_t / d W`` over the whole state ``s = (h, c)`` and
+    every weight, with both Jacobians from ``torch.func.jacrev`` of the cell, vmapped over the
+    streams: what one writes without deriving the columnar update by hand. Shared parameters
+    only. Sensitivity ``[B, 2n, params]``.
+    """
+
+    name = "naive_columnar"
+    exact = True
+
+    def __init__(self, cell: StateLearner) -> None:
+        super().__init__(cell.input_size, cell.config, streams=cell.streams, dtype=cell.dtype)
+        if cell.independent_params:
+            raise ValueError("NaiveColumnarRTRL: shared parameters only")
+        self.cell = cell
+        self.params = cell.params
+        self.carry = cell.initial_carry()
+        weight_shape = cell.params["weight"].shape[1:]
+        n_params = math.prod(weight_shape)
+        self.sensitivity = torch.zeros(cell.streams, 2 * cell.n_features, n_params)
+
+        def state_step(state: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+            h, c = state.view(2, 1, -1)
+            (h, c), _ = cell.functional_step({"weight": weight.view(1, *weight_shape)}, (h, c), x)
+            return torch.cat([h[0], c[0]])
+
+        jacobians = torch.func.jacrev(state_step, argnums=(0, 1))
+        self._jacobians = torch.func.vmap(jacobians, in_dims=(0, None, 0))
+        self._state_step = torch.func.vmap(state_step, in_dims=(0, None, 0))
+
+    @property
+    def n_features(self) -> int:
+        """Number of columns."""
+        return self.cell.n_features
+
+    def initial_carry(self) -> Carry:
+        """``(h, c)`` zeros, ``[B, n]`` each."""
+        return self.cell.initial_carry()
+
+    def functional_step(
+        self, params: Mapping[str, Tensor], carry: Carry, x: Tensor
+    ) -> tuple[Carry, Tensor]:
+        """The columnar cell."""
+        return self.cell.functional_step(params, carry, x)
+
+    def _advance(self, x: Tensor) -> Tensor:
+        state = torch.cat(self.carry, dim=1)
+        weight = self.params["weight"][0].reshape(-1)
+        d_state, d_weight = self._jacobians(state, weight, x[:, None])
+        self.sensitivity = torch.bmm(d_state, self.sensitivity) + d_weight
+        state = self._state_step(state, weight, x[:, None])
+        self.carry = (state[:, : self.n_features], state[:, self.n_features :])
+        return self.carry[0]
+
+    def _grad(self, v: Tensor) -> dict[str, Tensor]:
+        flat = torch.einsum("bn,bnp->bp", v, self.sensitivity[:, : self.n_features])
+        return {"weight": flat.view(self.streams, *self.params["weight"].shape[1:])}
+
+    def _reset_credit(self, mask: Tensor) -> None:
+        self.sensitivity[mask] = 0.0
+
+
+# ---------------------------------------------------------------------- measurements
+def build(case_learner: str, streams: int, input_size: int, options: dict[str, Any]) -> Any:
+    """A float32 learner with seed 0 and shared parameters."""
+    return make_learner(case_learner, input_size, streams=streams, seed=0, **options)
+
+
+def predictor_for(learner: StateLearner, backend: str) -> TDPredictor:
+    """A TD(lambda) engine with the paper's defaults (``rmsprop_td``) and ``backend``."""
+    return TDPredictor(learner, 1, TDConfig(backend=backend))
+
+
+def n_params(learner: StateLearner) -> int:
+    """Parameters of one network: the trained ones plus, for CCN, the frozen stages."""
+    stages = getattr(learner, "stage_weights", None)
+    tensors = stages if stages is not None else list(learner.params.values())
+    return sum(t[0].numel() for t in tensors)
+
+
+def last_stage(learner: Any) -> Any:
+    """Advance a CCN learner to its last stage (every column built)."""
+    while learner.advance_stage():
+        pass
+    return learner
+
+
+def measure_case(case: Case, budget: float) -> dict[str, Any]:
+    """µs per stream-step of ``case`` for each implementation (fused, eager, naive)."""
+    predictors = {}
+    for backend in ("fused", "eager"):
+        learner = build(case.learner, case.streams, case.input_size, case.options)
+        if case.last_stage:
+            last_stage(learner)
+        predictors[backend] = predictor_for(learner, backend)
+    if case.naive:
+        cell = build(case.learner, case.streams, case.input_size, case.options)
+        predictors["naive"] = predictor_for(NaiveColumnarRTRL(cell), "eager")
+    seconds = time_side_by_side({name: td_step(p) for name, p in predictors.items()}, budget)
+    per_stream = {f"{name}_us": s / case.streams * 1e6 for name, s in seconds.items()}
+    learner = predictors["fused"].learner
+    row = {**asdict(case), "params": n_params(learner), **per_stream}
+    row["met"] = case.target_us is not None and per_stream["fused_us"] <= case.target_us
+    return row
+
+
+def columnar_step_bytes(streams: int, columns: int, inputs: int, cumulants: int = 1) -> int:
+    """Bytes a fused TD step of a shared-parameter columnar network must move (``rmsprop_td``).
+
+    Per stream, ``S^h``, ``S^c`` and one trace per cumulant are each read and written once;
+    the weights are read by the forward pass and read and written by the update after it
+    (the TD error needs every column's output first), the second moment read and written::
+
+        4 bytes x ((2 + 2 + 2K) B N + 5 N),    N = columns x 4 x (inputs + 2)
+    """
+    per_network = columns * 4 * (inputs + 2)
+    return 4 * ((4 + 2 * cumulants) * streams * per_network + 5 * per_network)
+
+
+def triad_bytes_per_second(elements: int = 1 << 25, repeats: int = 15) -> float:
+    """STREAM triad ``a = b + 3 c`` in float32 on one thread; bytes counted as STREAM does."""
+    b, c = torch.rand(elements), torch.rand(elements)
+    a = torch.empty(elements)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - start)
+    return 3 * 4 * elements / best
+
+
+def measure_scaling(
+    name: str, budget: float, max_params: float = 2e6
+) -> dict[str, Any]:
+    """Per-step cost at ~1e3..1e6 parameters and the fitted log-log slope."""
+    option, fixed, sizes = SCALING[name]
+    points = []
+    for size in sizes:
+        options = {**fixed, option: size}
+        if name == "ccn":
+            options["n_features"] = CCN_STAGES * size
+        learner = build(name, SCALING_STREAMS, INPUTS, options)
+        if name == "ccn":
+            last_stage(learner)
+        params = n_params(learner)
+        if params > max_params:
+            break
+        predictor = predictor_for(learner, "auto")
+        seconds = time_side_by_side({"step": td_step(predictor)}, budget, rounds=1)["step"]
+        points.append({"size": size, "params": params, "step_us": seconds * 1e6})
+        backend = predictor.backend
+    slope = fitted_slope([p["params"] for p in points], [p["step_us"] for p in points])
+    row = {"learner": name, "backend": backend, "streams": SCALING_STREAMS, "points": points}
+    row["slope"] = slope
+    row["met"] = LINEAR_SLOPE[0] <= slope <= LINEAR_SLOPE[1]
+    if name == "tbptt":
+        row["slope_vs_units"] = fitted_slope(
+            [p["size"] for p in points], [p["step_us"] for p in points]
+        )
+    return row
+
+
+def fitted_slope(x: list[float], y: list[float]) -> float:
+    """Least-squares slope of ``log y`` against ``log x``."""
+    if len(x) < 2:
+        return math.nan
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+# ---------------------------------------------------------------------- the whole run
+@dataclass
+class Report:
+    """Everything ``agentstate bench`` measured."""
+
+    date: str
+    machine: str
+    torch: str
+    command: str
+    threads: int = 1
+    triad_gb_per_s: float = 0.0
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    bandwidth: list[dict[str, Any]] = field(default_factory=list)
+    scaling: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def machine_name() -> str:
+    """``lscpu``'s model name (else ``/proc/cpuinfo``'s, else the platform's) and core count."""
+    model = ""
+    if shutil.which("lscpu"):
+        output = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(
+            (line.split(":", 1)[1].strip() for line in output.splitlines() if "Model name" in line),
+            "",
+        )
+    return f"{model or platform.processor() or platform.machine()}, {_cpu_count()} CPUs"
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def run(
+    command: str, quick: bool = False, log: Callable[[str], None] = print
+) -> Report:
+    """Measure every case, the triad and the scaling; ``quick``: a smoke-test-sized run."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    report = Report(
+        date=str(date.today()), machine=machine_name(), torch=torch.__version__, command=command
+    )
+    budget = 0.05 if quick else 2.0
+    report.triad_gb_per_s = triad_bytes_per_second(1 << 20 if quick else 1 << 25) / 1e9
+    log(f"triad: {report.triad_gb_per_s:.1f} GB/s")
+    for case in CASES:
+        if quick and case.target_us is None:
+            continue  # the large cases take seconds even for a smoke test
+        row = measure_case(case, budget)
+        report.cases.append(row)
+        log(f"{case.label}: fused {row['fused_us']:.2f} µs, eager {row['eager_us']:.2f} µs")
+        if case.target_us is None:
+            moved = columnar_step_bytes(case.streams, case.options["n_features"], case.input_size)
+            seconds = row["fused_us"] * case.streams * 1e-6
+            achieved = moved / seconds / 1e9
+            report.bandwidth.append(
+                {
+                    "label": case.label,
+                    "bytes": moved,
+                    "step_ms": seconds * 1e3,
+                    "gb_per_s": achieved,
+                    "fraction_of_triad": achieved / report.triad_gb_per_s,
+                    "met": achieved / report.triad_gb_per_s >= BANDWIDTH_TARGET,
+                }
+            )
+    for name in SCALING:
+        row = measure_scaling(name, 0.02 if quick else 1.0, max_params=2e4 if quick else 2e6)
+        report.scaling.append(row)
+        log(f"scaling {name}: slope {row['slope']:.2f}")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# ---------------------------------------------------------------------- the markdown
+def markdown(report: Report) -> str:
+    """The report as the tables committed to ``benchmarks/README.md``."""
+    lines = [
+        f"Measured {report.date} on {report.machine}, torch {report.torch}, "
+        f"{report.threads} thread, float32, with `{report.command}` "
+        f"({report.seconds / 60:.1f} min).",
+        "",
+        "µs per stream-step, TD(λ) update included (`rmsprop_td`); *fused* is what "
+        "`TDPredictor` runs by default, *eager* the torch reference, *naive* eager RTRL with "
+        "autograd Jacobians; C++: the authors' code per step (background §2).",
+        "",
+        "| case | params | target | fused | eager | naive | eager / fused | C++ / fused | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in report.cases:
+        target = f"≤ {row['target_us']:g}" if row["target_us"] else "see below"
+        naive = f"{row['naive_us']:.1f}" if "naive_us" in row else "–"
+        authors = f"{row['authors_us'] / row['fused_us']:.1f}×" if row["authors_us"] else "–"
+        met = ("yes" if row["met"] else "**no**") if row["target_us"] else "–"
+        lines.append(
+            f"| {row['label']} | {row['params']:,} | {target} | {row['fused_us']:.2f} | "
+            f"{row['eager_us']:.1f} | {naive} | {row['eager_us'] / row['fused_us']:.0f}× | "
+            f"{authors} | {met} |"
+        )
+    lines += [
+        "",
+        f"STREAM triad (torch, 1 thread, 3 × 128 MB): **{report.triad_gb_per_s:.1f} GB/s**. "
+        "Bytes a step must move: `agentstate.benchmark.columnar_step_bytes` (S^h, S^c, trace "
+        "read and written once; weights read, then read and written; second moment read and "
+        f"written). Target: ≥ {BANDWIDTH_TARGET:.0%} of triad.",
+        "",
+        "| case | MB per step | fused ms per step | GB/s | of triad | met |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for row in report.bandwidth:
+        lines.append(
+            f"| {row['label']} | {row['bytes'] / 1e6:.1f} | {row['step_ms']:.2f} | "
+            f"{row['gb_per_s']:.1f} | {row['fraction_of_triad']:.0%} | "
+            f"{'yes' if row['met'] else '**no**'} |"
+        )
+    sizes = max(len(row["points"]) for row in report.scaling)
+    lines += [
+        "",
+        f"Scaling: µs per step ({SCALING_STREAMS} streams) from ~1e3 to ~1e6 parameters per "
+        "network; slope of the log-log least-squares fit (target "
+        f"{LINEAR_SLOPE[0]}–{LINEAR_SLOPE[1]}; T-BPTT also against its hidden units).",
+        "",
+        "| learner | backend | " + " | ".join(f"size {i + 1}" for i in range(sizes))
+        + " | slope | met |",
+        "|---|---|" + "---:|" * sizes + "---:|:---:|",
+    ]
+    for row in report.scaling:
+        cells = [f"{p['params']:,} p: {p['step_us']:,.0f}" for p in row["points"]]
+        cells += [""] * (sizes - len(cells))
+        slope = f"{row['slope']:.2f}"
+        if "slope_vs_units" in row:
+            slope += f" ({row['slope_vs_units']:.2f} vs units)"
+        lines.append(
+            f"| {row['learner']} | {row['backend']} | " + " | ".join(cells)
+            + f" | {slope} | {'yes' if row['met'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"

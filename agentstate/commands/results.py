@@ -1,0 +1,40 @@
+"""``agentstate results``: one table and one plot from every run under a folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from agentstate.results import (
+    RESULTS_CSV,
+    RESULTS_PLOT,
+    aggregate,
+    format_table,
+    plot_results,
+    write_results_csv,
+)
+
+
+def add_parser(verbs: Any) -> None:
+    """Add ``results`` to the ``agentstate`` sub-commands."""
+    results = verbs.add_parser(
+        "results",
+        help="aggregate every run under DIR: mean ± standard error over seeds per grid point",
+        description=f"Pool the seeds of every grid point under DIR; write DIR/{RESULTS_CSV} "
+        f"(final and area-under-curve MSRE, mean ± standard error) and DIR/{RESULTS_PLOT} "
+        "(learning curves, best step size per learner in bold).",
+    )
+    results.add_argument("dir", help="a sweep's output folder (or any folder of runs)")
+    results.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Aggregate, print the table, write the CSV and the plot."""
+    root = Path(args.dir)
+    points = aggregate(root)
+    write_results_csv(points, root / RESULTS_CSV, root)
+    plot_results(points, root / RESULTS_PLOT, title=f"{root.resolve().name}: learning curves")
+    print(format_table(points))
+    print(f"wrote {root / RESULTS_CSV} and {root / RESULTS_PLOT}")
+    return 0

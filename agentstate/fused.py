@@ -1,0 +1,582 @@
+"""The fused TD(lambda) step: ``TDPredictor.step`` for every stream in one compiled call.
+
+The eager step (``agentstate.td``) is a few hundred small tensor ops; at the sizes this field
+works at (a few columns, a dozen inputs, tens of streams) each op's fixed cost of a few µs is
+the whole bill. ``fused_td.cpp`` does the same step -- normalisation, the learner's forward
+and credit assignment, heads, TD error, optimiser steps, traces -- as plain loops over
+streams, columns and inputs, reading and writing every large array once. It is compiled at
+first use with the system C++ compiler into a user cache directory and called through
+``ctypes``; it has no dependency on torch's headers, so it builds in a few seconds. Without a
+compiler, or if the build fails, one warning is issued and the eager path runs.
+
+The kernel works in place on the very tensors the eager path uses (learner parameters,
+carry, sensitivities or window, traces, heads, normaliser statistics, optimiser state), so
+``state_dict``, ``reset_streams`` and a later eager step see exactly what the kernel did.
+Learners opt in with a ``fused_layout()`` method returning a ``ColumnStages`` (columnar, CCN)
+or a ``DenseWindow`` (T-BPTT) that names those tensors.
+
+Numerics follow the eager op order element by element (the kernel is compiled without
+contracting multiply-adds); sums over inputs, streams and gates may round differently in the
+last bit, so float32 results agree to ~1e-6 relative, float64 results to ~1e-12.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from agentstate.optim import optimizer_state
+
+if TYPE_CHECKING:
+    from agentstate.td import TDPredictor
+
+SOURCE = Path(__file__).with_name("fused_td.cpp")
+COMPILER_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp-simd",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+"""``-ffp-contract=off``: every multiply and add rounds on its own, as the eager ops do;
+``-fno-math-errno`` lets ``sqrt`` vectorise; ``-fopenmp-simd`` honours the ``omp simd``
+reductions (dot products) without an OpenMP runtime."""
+
+OPTIMIZER_KINDS = {"sgd": 0, "rmsprop_td": 1, "adam": 2}
+
+
+class FusedKernelWarning(UserWarning):
+    """The fused kernel could not be built or loaded; the eager path runs instead."""
+
+
+# ---------------------------------------------------------------------- what learners expose
+class ColumnStages(NamedTuple):
+    """Tensors of a columnar or CCN learner that the fused step advances in place.
+
+    A columnar network is one stage whose columns all learn. ``P`` is 1 (shared) or ``B``;
+    ``L`` columns per stage; ``k`` the active (last built) stage; ``T`` columns in all.
+    """
+
+    weights: Sequence[Tensor]
+    """Built stages ``s = 0..k``: ``[P, L, 4, d + sL + 2]``; the last is trained."""
+    feature_mean: Sequence[Tensor]
+    """``feature_mean[s]``: ``[P, sL]`` statistics of the earlier columns' states that stage
+    ``s`` reads; needed for the stages ``s >= 1`` (a columnar network passes none)."""
+    feature_variance: Sequence[Tensor]
+    """Like ``feature_mean``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, T]``."""
+    sensitivity_h: Tensor
+    """``[B, L, 4, d + kL + 2]``."""
+    sensitivity_c: Tensor
+    """Like ``sensitivity_h``."""
+    columns_per_stage: int
+    normalize_features: bool
+    normalization_rate: float
+    variance_floor: float
+    step_taken: Callable[[], None] | None = None
+    """Called after the kernel advanced the learner by one step (CCN counts its steps)."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
+        return (
+            *self.weights,
+            *self.feature_mean,
+            *self.feature_variance,
+            *self.carry,
+            self.sensitivity_h,
+            self.sensitivity_c,
+        )
+
+
+class DenseWindow(NamedTuple):
+    """Tensors of a T-BPTT learner (``agentstate.plugins.tbptt``) advanced in place."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    window_cell_input: Tensor
+    window_dc_dpreactivation: Tensor
+    window_dh_dpreactivation: Tensor
+    window_dc_dc_prev: Tensor
+    window_dh_dc: Tensor
+    steps_in_window: Tensor
+    """``[B]`` int64."""
+    truncation: int
+    step_taken: Callable[[], None] | None = None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
+        return (self.weight, *self.carry, *self[2:8])
+
+
+# ---------------------------------------------------------------------- the C interface
+class OptimizerArgs(ctypes.Structure):
+    """Hyper-parameters shared by the heads' and the learner's parameter groups."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64),
+        ("step_is_double", ctypes.c_int64),
+        ("beta", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+    ]
+
+
+class TDArgs(ctypes.Structure):
+    """Sizes, settings and tensors of the engine; pointers address contiguous tensors."""
+
+    _fields_ = [
+        *(
+            (name, ctypes.c_int64)
+            for name in (
+                "streams",
+                "param_streams",
+                "input_size",
+                "n_features",
+                "n_cumulants",
+                "n_head_features",
+                "include_observation",
+                "include_bias",
+                "train_learner",
+            )
+        ),
+        *(
+            (name, ctypes.c_double)
+            for name in (
+                "gamma",
+                "lambda_",
+                "learner_lr",
+                "head_lr",
+                "input_decay",
+                "input_floor",
+                "feature_decay",
+                "feature_floor",
+            )
+        ),
+        ("optimizer", OptimizerArgs),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "x",
+                "cumulant",
+                "discount",
+                "prediction",
+                "previous_prediction",
+                "has_previous",
+                "input_mean",
+                "input_variance",
+                "feature_mean",
+                "feature_variance",
+                "head_weight",
+                "head_trace",
+                "head_state_a",
+                "head_state_b",
+                "head_step",
+                "learner_trace",
+                "learner_state_a",
+                "learner_state_b",
+                "learner_step",
+            )
+        ),
+    ]
+
+
+class ColumnArgs(ctypes.Structure):
+    """``ColumnStages`` for the kernel; ``stage_*`` point at arrays of per-stage pointers."""
+
+    _fields_ = [
+        ("columns_per_stage", ctypes.c_int64),
+        ("active_stage", ctypes.c_int64),
+        ("normalize_features", ctypes.c_int64),
+        ("normalization_rate", ctypes.c_double),
+        ("variance_floor", ctypes.c_double),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "h",
+                "c",
+                "sensitivity_h",
+                "sensitivity_c",
+                "stage_weights",
+                "stage_means",
+                "stage_variances",
+            )
+        ),
+    ]
+
+
+class WindowArgs(ctypes.Structure):
+    """``DenseWindow`` for the kernel."""
+
+    _fields_ = [
+        ("truncation", ctypes.c_int64),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "weight",
+                "h",
+                "c",
+                "window_cell_input",
+                "window_dc_dpreactivation",
+                "window_dh_dpreactivation",
+                "window_dc_dc_prev",
+                "window_dh_dc",
+                "steps_in_window",
+            )
+        ),
+    ]
+
+
+_C_TYPES = {ctypes.c_int64: "int64_t", ctypes.c_double: "double", ctypes.c_void_p: "void*"}
+
+
+def c_declarations() -> str:
+    """The C++ structs matching the ``ctypes`` ones, prepended to the kernel source."""
+    lines = []
+    for struct in (OptimizerArgs, TDArgs, ColumnArgs, WindowArgs):
+        lines.append(f"struct {struct.__name__} {{")
+        for name, field_type in struct._fields_:
+            c_type = _C_TYPES.get(field_type, getattr(field_type, "__name__", ""))
+            lines.append(f"  {c_type} {name};")
+        lines.append("};")
+    return "#include <cstdint>\n" + "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- build and load
+def cache_directory() -> Path:
+    """Where built kernels are kept.
+
+    ``$AGENTSTATE_CACHE_DIR``, else ``$XDG_CACHE_HOME/agentstate``, else ``~/.cache/agentstate``.
+    """
+    if os.environ.get("AGENTSTATE_CACHE_DIR"):
+        return Path(os.environ["AGENTSTATE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "agentstate"
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _machine_signature() -> str:
+    """CPU model and instruction-set flags: ``-march=native`` builds are per machine kind."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache (once per source, compiler and machine kind)."""
+    source = c_declarations() + SOURCE.read_text()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([source, version, *COMPILER_FLAGS, _machine_signature()]).encode()
+    ).hexdigest()[:16]
+    directory = cache_directory() / "kernels"
+    library = directory / f"fused_td-{key}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        source_path = Path(scratch) / "fused_td.cpp"
+        source_path.write_text(source)
+        built = Path(scratch) / library.name
+        result = subprocess.run(
+            [compiler, *COMPILER_FLAGS, str(source_path), "-o", str(built)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)  # atomic: concurrent builders never see half a file
+    return library
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (with one warning) if that fails."""
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        warnings.warn(
+            f"agentstate: fused TD kernel unavailable ({reason}); using the eager path",
+            FusedKernelWarning,
+            stacklevel=3,
+        )
+        return None
+    for name, args_type in (("td_columns", ColumnArgs), ("td_window", WindowArgs)):
+        for dtype in ("float32", "float64"):
+            entry = getattr(library, f"{name}_{dtype}")
+            entry.argtypes = [ctypes.POINTER(TDArgs), ctypes.POINTER(args_type)]
+            entry.restype = ctypes.c_int
+    return library
+
+
+# ---------------------------------------------------------------------- applicability
+def unsupported_reason(predictor: TDPredictor) -> str | None:
+    """Why the fused step cannot run this predictor (None: it can, given a compiled kernel)."""
+    learner = predictor.learner
+    if learner.device.type != "cpu":
+        return f"device {learner.device} (the fused kernel is CPU-only)"
+    if learner.dtype not in (torch.float32, torch.float64):
+        return f"dtype {learner.dtype}"
+    # Asked of the class: a proxy that forwards attributes but intercepts ``step`` (to record
+    # the state, say) must not be bypassed by a kernel it never sees.
+    if not callable(getattr(type(learner), "fused_layout", None)):
+        return f"{type(learner).__name__} has no fused kernel (no fused_layout method)"
+    groups = predictor.optimizer.param_groups
+    name = predictor.config.optimizer
+    settings = [_optimizer_settings(name, group) for group in groups]
+    if any(setting is None for setting in settings):
+        return f"optimizer {name!r} with non-default settings"
+    if len(set(settings)) != 1:
+        return "parameter groups with different optimizer settings"
+    return None
+
+
+def _optimizer_settings(name: str, group: dict[str, Any]) -> tuple[float, ...] | None:
+    """The hyper-parameters the kernel implements, or None for a setting it does not."""
+    if any(group.get(flag) for flag in ("maximize", "differentiable", "capturable", "fused")):
+        return None
+    if name == "sgd":
+        plain = group["momentum"] == 0 and group["weight_decay"] == 0 and not group["nesterov"]
+        return () if plain else None
+    if name == "rmsprop_td":
+        return (group["beta"], group["eps"])
+    if group["weight_decay"] != 0 or group["amsgrad"] or group.get("decoupled_weight_decay"):
+        return None
+    beta1, beta2 = group["betas"]
+    return (float(beta1), float(beta2), group["eps"])
+
+
+# ---------------------------------------------------------------------- the fused step
+class FusedTDStep:
+    """Runs ``TDPredictor.step``'s work for one predictor through the compiled kernel.
+
+    The kernel's view of the tensors (their addresses) is rebuilt whenever any of them is
+    replaced: by ``learner.reset`` (a new carry), a CCN stage change (new parameters, traces
+    and optimiser), ``load_state_dict`` (new optimiser state), or any code that assigns one.
+    """
+
+    def __init__(self, predictor: TDPredictor, library: ctypes.CDLL) -> None:
+        self.predictor = predictor
+        self._library = library
+        self._dtype_name = "float32" if predictor.learner.dtype == torch.float32 else "float64"
+        self._td = TDArgs()
+        self._learner_args: ColumnArgs | WindowArgs = ColumnArgs()
+        self._entry: Any = None
+        self._bound: tuple[Any, ...] = ()
+        self._stage_arrays: list[Any] = []  # per-stage pointer arrays the kernel reads
+
+    def step(
+        self,
+        layout: ColumnStages | DenseWindow,
+        observation: Tensor,
+        cumulant: Tensor,
+        gamma: Tensor | float,
+    ) -> Tensor | None:
+        """One TD step of every stream.
+
+        Args:
+            layout: the learner's ``fused_layout()`` for this step, with the predictor's
+                optimiser already bound to the parameters it names.
+            observation: ``[B, d]`` CPU tensor, checked for shape and dtype by the caller.
+            cumulant: ``[B, K]``, likewise.
+            gamma: a float or a ``[B]`` tensor.
+
+        Returns:
+            The predictions ``[B, K]`` (a new tensor), or None if an input is not finite, in
+            which case nothing changed.
+        """
+        predictor = self.predictor
+        tensors = self._tensors(layout)
+        if len(tensors) != len(self._bound) or not all(map(operator.is_, tensors, self._bound)):
+            self._bind(layout)
+            self._bound = tensors
+        td = self._td
+        groups = predictor.optimizer.param_groups
+        td.head_lr = groups[0]["lr"]
+        td.learner_lr = groups[-1]["lr"]
+        observation, cumulant = observation.contiguous(), cumulant.contiguous()
+        td.x = observation.data_ptr()
+        td.cumulant = cumulant.data_ptr()
+        if isinstance(gamma, Tensor):
+            gamma = gamma.contiguous()
+            td.discount = gamma.data_ptr()
+        else:
+            td.discount = None
+            td.gamma = gamma
+        prediction = torch.empty(
+            (observation.shape[0], predictor.n_cumulants), dtype=observation.dtype
+        )
+        td.prediction = prediction.data_ptr()
+        if self._entry(ctypes.byref(td), ctypes.byref(self._learner_args)) != 0:
+            return None
+        if layout.step_taken is not None:
+            layout.step_taken()
+        return prediction
+
+    # ------------------------------------------------------------------ binding
+    def _optimizer_states(self) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
+        """``(state_a, state_b, step)`` of the heads and, if it trains, the learner's weight."""
+        predictor = self.predictor
+        params = [predictor.head_weight]
+        if self._trains_learner():
+            params += list(predictor.learner.params.values())
+        return [optimizer_state(predictor.optimizer, param) for param in params]
+
+    def _trains_learner(self) -> bool:
+        return self.predictor.config.train_learner and bool(self.predictor.learner.params)
+
+    def _tensors(self, layout: ColumnStages | DenseWindow) -> tuple[Any, ...]:
+        """Every object whose replacement calls for a new binding."""
+        predictor = self.predictor
+        return (
+            predictor.optimizer,
+            predictor.previous_prediction,
+            predictor.has_previous,
+            predictor.input_normalizer.mean,
+            predictor.input_normalizer.variance,
+            predictor.feature_normalizer.mean,
+            predictor.feature_normalizer.variance,
+            predictor.head_weight,
+            predictor.head_trace,
+            *predictor.learner_traces.values(),
+            *(tensor for state in self._optimizer_states() for tensor in state),
+            *layout.tensors(),
+        )
+
+    def _bind(self, layout: ColumnStages | DenseWindow) -> None:
+        predictor, learner, config = self.predictor, self.predictor.learner, self.predictor.config
+        td = self._td
+        td.streams = learner.streams
+        td.param_streams = learner.param_streams
+        td.input_size = learner.input_size
+        td.n_features = learner.n_features
+        td.n_cumulants = predictor.n_cumulants
+        td.n_head_features = predictor.n_head_features
+        td.include_observation = config.include_observation
+        td.include_bias = config.include_bias
+        td.train_learner = self._trains_learner()
+        td.lambda_ = config.lambda_
+        td.input_decay = predictor.input_normalizer.decay
+        td.input_floor = predictor.input_normalizer.variance_floor
+        td.input_mean = _pointer(predictor.input_normalizer.mean)
+        td.input_variance = _pointer(predictor.input_normalizer.variance)
+        td.feature_decay = predictor.feature_normalizer.decay
+        td.feature_floor = predictor.feature_normalizer.variance_floor
+        td.feature_mean = _pointer(predictor.feature_normalizer.mean)
+        td.feature_variance = _pointer(predictor.feature_normalizer.variance)
+        td.previous_prediction = _pointer(predictor.previous_prediction)
+        td.has_previous = _pointer(predictor.has_previous)
+        td.head_weight = _pointer(predictor.head_weight)
+        td.head_trace = _pointer(predictor.head_trace)
+
+        group = predictor.optimizer.param_groups[0]
+        arguments = td.optimizer
+        arguments.kind = OPTIMIZER_KINDS[config.optimizer]
+        if config.optimizer == "rmsprop_td":
+            arguments.beta, arguments.eps = group["beta"], group["eps"]
+        elif config.optimizer == "adam":
+            arguments.beta1, arguments.beta2 = (float(beta) for beta in group["betas"])
+            arguments.eps = group["eps"]
+        states = self._optimizer_states()
+        td.head_state_a, td.head_state_b, td.head_step = map(_pointer, states[0])
+        if td.train_learner:
+            (trace,) = predictor.learner_traces.values()
+            td.learner_trace = _pointer(trace)
+            td.learner_state_a, td.learner_state_b, td.learner_step = map(_pointer, states[1])
+        arguments.step_is_double = any(
+            step is not None and step.dtype == torch.float64 for _, _, step in states
+        )
+
+        if isinstance(layout, ColumnStages):
+            self._learner_args, self._stage_arrays = _column_args(layout)
+            self._entry = getattr(self._library, f"td_columns_{self._dtype_name}")
+        else:
+            self._learner_args = _window_args(layout)
+            self._entry = getattr(self._library, f"td_window_{self._dtype_name}")
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    """Address of a contiguous CPU tensor (None for None or an empty tensor)."""
+    if tensor is None or tensor.numel() == 0:
+        return None
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(
+            f"fused TD step: a {tensor.device} tensor of shape {list(tensor.shape)} is not a "
+            "contiguous CPU tensor"
+        )
+    return tensor.data_ptr()
+
+
+def _column_args(layout: ColumnStages) -> tuple[ColumnArgs, list[Any]]:
+    """``ColumnArgs`` for ``layout`` and the pointer arrays it refers to (keep them alive)."""
+    args = ColumnArgs()
+    args.columns_per_stage = layout.columns_per_stage
+    args.active_stage = len(layout.weights) - 1
+    args.normalize_features = layout.normalize_features
+    args.normalization_rate = layout.normalization_rate
+    args.variance_floor = layout.variance_floor
+    args.h, args.c = map(_pointer, layout.carry)
+    args.sensitivity_h = _pointer(layout.sensitivity_h)
+    args.sensitivity_c = _pointer(layout.sensitivity_c)
+    arrays = []
+    for name, tensors in (
+        ("stage_weights", layout.weights),
+        ("stage_means", layout.feature_mean),
+        ("stage_variances", layout.feature_variance),
+    ):
+        array = (ctypes.c_void_p * len(tensors))(*map(_pointer, tensors))
+        setattr(args, name, ctypes.cast(array, ctypes.c_void_p))
+        arrays.append(array)
+    return args, arrays
+
+
+def _window_args(layout: DenseWindow) -> WindowArgs:
+    args = WindowArgs()
+    args.truncation = layout.truncation
+    args.weight = _pointer(layout.weight)
+    args.h, args.c = map(_pointer, layout.carry)
+    for name in (
+        "window_cell_input",
+        "window_dc_dpreactivation",
+        "window_dh_dpreactivation",
+        "window_dc_dc_prev",
+        "window_dh_dc",
+        "steps_in_window",
+    ):
+        setattr(args, name, _pointer(getattr(layout, name)))
+    return args

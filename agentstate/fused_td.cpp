@@ -1,0 +1,622 @@
+// Fused TD(lambda) steps: one call advances every stream by one step of agentstate.td.
+//
+// Built and loaded by agentstate/fused.py, which prepends the argument structs (generated
+// from its ctypes declarations, so the two sides cannot disagree). Each entry point does,
+// in order, exactly what TDPredictor.step does eagerly (see agentstate/td.py):
+//
+//   x^ = normalise(x); learner step on x^ -> h; phi = [normalise(h), x^?, 1?];
+//   y = W_head phi; delta = (c + gamma y - y_prev) * has_prev;
+//   optimiser step of the heads and the learner's weight with delta * trace (traces of
+//   the previous step); head_trace = gamma lambda head_trace + phi;
+//   learner_trace = gamma lambda learner_trace + grad_learner(W_head[:n] / std_h).
+//
+// The learner's part is fused into the sweep over its sensitivities (or window) so that
+// every large array (sensitivities, traces, weights, optimiser state) is read and written
+// once per step. Layouts are those of the eager tensors (all contiguous, streams leading);
+// parameters lead with P = 1 (shared: updates are the mean over streams) or P = B.
+// Compiled with -ffp-contract=off so that every multiply and add rounds as the eager
+// element-wise ops do; reductions (dot products, means) may differ in the last bit.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using index = int64_t;
+
+enum Optimizer : index { SGD = 0, RMSPROP_TD = 1, ADAM = 2 };
+enum Gate : index { GATE_I = 0, GATE_F = 1, GATE_G = 2, GATE_O = 3, N_GATES = 4 };
+
+template <typename T>
+inline T sigmoid(T a) {
+  return T(1) / (T(1) + std::exp(-a));
+}
+
+template <typename T>
+bool all_finite(const T* values, index count) {
+  T zero = 0;  // x * 0 is 0 for every finite x, NaN for inf and NaN
+#pragma omp simd reduction(+ : zero)
+  for (index i = 0; i < count; ++i) zero += values[i] * T(0);
+  return zero == T(0);
+}
+
+// sum_i a[i] b[i], vectorised (the order of the additions is the compiler's).
+template <typename T>
+T dot(const T* __restrict a, const T* __restrict b, index count) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (index i = 0; i < count; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// ------------------------------------------------------------------ optimisers
+// One parameter tensor's optimiser: `update` is the TD direction mean_b(delta * trace),
+// i.e. minus torch's p.grad, so the formulas below are those of agentstate.optim and
+// torch.optim with grad = -update.
+template <typename T>
+struct ParameterOptimizer {
+  index kind;
+  T lr;
+  T* state_a;  // rmsprop_td: second moment; adam: exp_avg
+  T* state_b;  // adam: exp_avg_sq
+  T beta, one_minus_beta, eps;                       // rmsprop_td
+  T beta1_weight, beta2, one_minus_beta2, adam_eps;  // adam
+  T step_size, bias_correction2_sqrt;                // adam, this step
+
+  ParameterOptimizer(const OptimizerArgs& args, double learning_rate, void* a, void* b,
+                     void* step_count)
+      : kind(args.kind), lr(T(learning_rate)), state_a(static_cast<T*>(a)),
+        state_b(static_cast<T*>(b)), beta(T(args.beta)), one_minus_beta(T(1.0 - args.beta)),
+        eps(T(args.eps)), beta1_weight(T(1.0 - args.beta1)), beta2(T(args.beta2)),
+        one_minus_beta2(T(1.0 - args.beta2)), adam_eps(T(args.eps)), step_size(0),
+        bias_correction2_sqrt(1) {
+    if (kind == ADAM) {  // torch.optim.Adam: step += 1, then the bias corrections in double
+      double step;
+      if (args.step_is_double) {
+        step = (*static_cast<double*>(step_count) += 1.0);
+      } else {
+        step = (*static_cast<float*>(step_count) += 1.0f);
+      }
+      double bias_correction1 = 1.0 - std::pow(args.beta1, step);
+      double bias_correction2 = 1.0 - std::pow(args.beta2, step);
+      step_size = T(learning_rate / bias_correction1);
+      bias_correction2_sqrt = T(std::pow(bias_correction2, 0.5));
+    }
+  }
+
+  // Apply to `count` consecutive entries starting at `offset`; update = sum / divisor.
+  void apply(T* param, index offset, const T* update_sum, T divisor, index count) const {
+    T* p = param + offset;
+    if (kind == SGD) {
+      for (index i = 0; i < count; ++i) p[i] = p[i] + lr * (update_sum[i] / divisor);
+    } else if (kind == RMSPROP_TD) {
+      T* v = state_a + offset;
+      for (index i = 0; i < count; ++i) {
+        T grad = -(update_sum[i] / divisor);
+        v[i] = v[i] * beta;
+        v[i] = v[i] + one_minus_beta * grad * grad;
+        p[i] = p[i] + -lr * grad / (std::sqrt(v[i]) + eps);
+      }
+    } else {
+      T* m = state_a + offset;
+      T* v = state_b + offset;
+      for (index i = 0; i < count; ++i) {
+        T grad = -(update_sum[i] / divisor);
+        m[i] = m[i] + beta1_weight * (grad - m[i]);
+        v[i] = v[i] * beta2;
+        v[i] = v[i] + one_minus_beta2 * grad * grad;
+        T denominator = std::sqrt(v[i]) / bias_correction2_sqrt + adam_eps;
+        p[i] = p[i] + -step_size * m[i] / denominator;
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------ normalisation
+// agentstate.normalization.OnlineNormalizer: normalise with the statistics before the update.
+template <typename T>
+void normalize(const T* x, const T* mean, const T* variance, index streams, index param_streams,
+               index size, T* out) {
+  for (index b = 0; b < streams; ++b) {
+    index p = param_streams == 1 ? 0 : b;
+    for (index i = 0; i < size; ++i) {
+      out[b * size + i] = (x[b * size + i] - mean[p * size + i]) / std::sqrt(variance[p * size + i]);
+    }
+  }
+}
+
+// Fold `x: [B, size]` (row stride `stride`) into EMA statistics `[P, size]`.
+template <typename T>
+void update_statistics(const T* x, index stride, index streams, index param_streams, index size,
+                       double decay, double floor, T* mean, T* variance) {
+  const T keep = T(decay), rate = T(1.0 - decay), minimum = T(floor);
+  if (param_streams == 1) {
+    std::vector<T> sample(size, T(0)), deviation(size, T(0));
+    for (index b = 0; b < streams; ++b)
+      for (index i = 0; i < size; ++i) sample[i] += x[b * stride + i];
+    for (index i = 0; i < size; ++i) mean[i] = mean[i] * keep + rate * (sample[i] / T(streams));
+    for (index b = 0; b < streams; ++b) {
+      for (index i = 0; i < size; ++i) {
+        T d = x[b * stride + i] - mean[i];
+        deviation[i] += d * d;
+      }
+    }
+    for (index i = 0; i < size; ++i) {
+      variance[i] = variance[i] * keep + rate * (deviation[i] / T(streams));
+      variance[i] = std::max(variance[i], minimum);
+    }
+  } else {
+    for (index b = 0; b < streams; ++b) {
+      T* m = mean + b * size;
+      T* v = variance + b * size;
+      for (index i = 0; i < size; ++i) {
+        m[i] = m[i] * keep + rate * x[b * stride + i];
+        T d = x[b * stride + i] - m[i];
+        v[i] = std::max(v[i] * keep + rate * (d * d), minimum);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ the TD engine
+// Everything of a TD step that does not depend on the learner's kind.
+template <typename T>
+struct Engine {
+  const TDArgs& td;
+  index B, P, d, n, K, F;
+  std::vector<T> observation;   // x^: [B, d]
+  std::vector<T> features;      // phi: [B, F]
+  std::vector<T> delta;         // [B, K]
+  std::vector<T> trace_decay;   // gamma lambda: [B]
+  std::vector<T> feature_std;   // std_h before this step's update: [P, n]
+  std::vector<T> state_weight;  // W_head[p, k, :n] / std_h: [P, K, n]
+
+  explicit Engine(const TDArgs& args)
+      : td(args), B(args.streams), P(args.param_streams), d(args.input_size),
+        n(args.n_features), K(args.n_cumulants), F(args.n_head_features),
+        observation(B * d), features(B * F), delta(B * K), trace_decay(B), feature_std(P * n),
+        state_weight(P * K * n) {}
+
+  // 0 if every input is finite; nothing is touched otherwise.
+  bool inputs_finite() const {
+    return all_finite(static_cast<const T*>(td.x), B * d) &&
+           all_finite(static_cast<const T*>(td.cumulant), B * K) &&
+           (td.discount == nullptr || all_finite(static_cast<const T*>(td.discount), B));
+  }
+
+  T gamma(index b) const {
+    return td.discount ? static_cast<const T*>(td.discount)[b] : T(td.gamma);
+  }
+
+  void normalize_observation() {
+    auto* mean = static_cast<T*>(td.input_mean);
+    auto* variance = static_cast<T*>(td.input_variance);
+    normalize(static_cast<const T*>(td.x), mean, variance, B, P, d, observation.data());
+    if (td.input_decay != 1.0) {
+      update_statistics(static_cast<const T*>(td.x), d, B, P, d, td.input_decay, td.input_floor,
+                        mean, variance);
+    }
+  }
+
+  // From the agent state h: [B, n], form phi, predict, and form delta.
+  void predict(const T* h) {
+    auto* mean = static_cast<T*>(td.feature_mean);
+    auto* variance = static_cast<T*>(td.feature_variance);
+    for (index i = 0; i < P * n; ++i) feature_std[i] = std::sqrt(variance[i]);
+    for (index b = 0; b < B; ++b) {
+      index p = P == 1 ? 0 : b;
+      T* phi = features.data() + b * F;
+      for (index j = 0; j < n; ++j) phi[j] = (h[b * n + j] - mean[p * n + j]) / feature_std[p * n + j];
+      index f = n;
+      if (td.include_observation) {
+        for (index i = 0; i < d; ++i) phi[f++] = observation[b * d + i];
+      }
+      if (td.include_bias) phi[f] = T(1);
+    }
+    if (td.feature_decay != 1.0) {
+      update_statistics(h, n, B, P, n, td.feature_decay, td.feature_floor, mean, variance);
+    }
+    auto* head = static_cast<const T*>(td.head_weight);
+    auto* prediction = static_cast<T*>(td.prediction);
+    auto* previous = static_cast<const T*>(td.previous_prediction);
+    auto* has_previous = static_cast<const bool*>(td.has_previous);
+    auto* cumulant = static_cast<const T*>(td.cumulant);
+    for (index b = 0; b < B; ++b) {
+      index p = P == 1 ? 0 : b;
+      T g = gamma(b);
+      trace_decay[b] = g * T(td.lambda_);
+      for (index k = 0; k < K; ++k) {
+        const T* w = head + (p * K + k) * F;
+        const T* phi = features.data() + b * F;
+        T y = 0;
+        for (index f = 0; f < F; ++f) y += phi[f] * w[f];
+        prediction[b * K + k] = y;
+        T error = cumulant[b * K + k] + g * y - previous[b * K + k];
+        delta[b * K + k] = error * T(has_previous[b] ? 1 : 0);
+      }
+    }
+  }
+
+  // Optimiser step of the heads with the old head trace, then decay the trace and add phi.
+  void update_heads() {
+    auto* head = static_cast<T*>(td.head_weight);
+    auto* trace = static_cast<T*>(td.head_trace);
+    ParameterOptimizer<T> optimizer(td.optimizer, td.head_lr, td.head_state_a, td.head_state_b,
+                                    td.head_step);
+    std::vector<T> update(K * F, T(0));
+    for (index b = 0; b < B; ++b) {
+      if (P != 1) std::fill(update.begin(), update.end(), T(0));
+      for (index k = 0; k < K; ++k)
+        for (index f = 0; f < F; ++f) {
+          update[k * F + f] += delta[b * K + k] * trace[(b * K + k) * F + f];
+        }
+      if (P != 1) optimizer.apply(head, b * K * F, update.data(), T(1), K * F);
+    }
+    if (P == 1) optimizer.apply(head, 0, update.data(), T(B), K * F);
+    for (index b = 0; b < B; ++b)
+      for (index k = 0; k < K; ++k)
+        for (index f = 0; f < F; ++f) {
+          T& e = trace[(b * K + k) * F + f];
+          e = e * trace_decay[b] + features[b * F + f];
+        }
+  }
+
+  // v = W_head[p, k, :n] / std_h with the updated heads: what the learner's gradient weighs.
+  void learner_state_weight() {
+    auto* head = static_cast<const T*>(td.head_weight);
+    for (index p = 0; p < P; ++p)
+      for (index k = 0; k < K; ++k)
+        for (index j = 0; j < n; ++j) {
+          state_weight[(p * K + k) * n + j] = head[(p * K + k) * F + j] / feature_std[p * n + j];
+        }
+  }
+
+  T v(index b, index k, index j) const {
+    return state_weight[((P == 1 ? 0 : b) * K + k) * n + j];
+  }
+
+  void finish() {
+    std::memcpy(td.previous_prediction, td.prediction, sizeof(T) * B * K);
+    std::fill_n(static_cast<bool*>(td.has_previous), B, true);
+  }
+
+  ParameterOptimizer<T> learner_optimizer() const {
+    return ParameterOptimizer<T>(td.optimizer, td.learner_lr, td.learner_state_a,
+                                 td.learner_state_b, td.learner_step);
+  }
+};
+
+// ------------------------------------------------------------------ columns (columnar, CCN)
+// Ask for the entries `PREFETCH_BYTES` past this block of each array: with short rows the
+// hardware prefetcher alone falls behind once the arrays live in main memory.
+constexpr index PREFETCH_BYTES = 4096;
+
+template <typename T>
+inline void prefetch_ahead(const T* a, const T* b, const T* c, index block) {
+  const index lines = (block * index(sizeof(T)) + 63) / 64;
+  const index ahead = PREFETCH_BYTES / index(sizeof(T));
+  for (index line = 0; line < lines; ++line) {
+    const index at = ahead + line * 64 / index(sizeof(T));
+    __builtin_prefetch(a + at, 1);
+    __builtin_prefetch(b + at, 1);
+    if (c) __builtin_prefetch(c + at, 1);
+  }
+}
+
+// Per (stream, active column): the scalars of the exact RTRL step (plugins/columnar.py).
+template <typename T>
+struct ColumnStep {
+  T forget;                    // f
+  T dc_dh_prev;                // sum_k kappa_k u_k
+  T kappa[N_GATES];            // dc/da
+  T dh_dh_prev_output;         // dh/da_o * u_o
+  T dh_dc;                     // o (1 - tanh(c)^2)
+  T dh_doutput_preactivation;  // tanh(c) o (1 - o)
+  T h_prev;
+};
+
+template <typename T>
+int td_columns(const TDArgs& td, const ColumnArgs& col) {
+  Engine<T> engine(td);
+  if (!engine.inputs_finite()) return 1;
+  const index B = engine.B, P = engine.P, d = engine.d, n = engine.n, K = engine.K;
+  const index L = col.columns_per_stage, active = col.active_stage;
+  const index m = d + active * L + 2;  // the active stage's column input size
+  auto* h_carry = static_cast<T*>(col.h);
+  auto* c_carry = static_cast<T*>(col.c);
+  auto** weights = reinterpret_cast<T**>(col.stage_weights);
+  auto** means = reinterpret_cast<T**>(col.stage_means);
+  auto** variances = reinterpret_cast<T**>(col.stage_variances);
+
+  engine.normalize_observation();
+
+  // Forward pass of every built column, stage by stage, with the weights before this step's
+  // update. A column's weights are read once for all streams.
+  std::vector<T> h(B * n, T(0)), c(B * n, T(0));
+  std::vector<T> stage_input;  // [B, d + sL]: x^ and the earlier columns' (normalised) states
+  std::vector<ColumnStep<T>> steps(B * L);
+  for (index s = 0; s <= active; ++s) {
+    const index width = d + s * L, row_size = width + 2;
+    stage_input.resize(B * width);
+    for (index b = 0; b < B; ++b) {
+      const index p = P == 1 ? 0 : b;
+      T* input = stage_input.data() + b * width;
+      std::copy_n(engine.observation.data() + b * d, d, input);
+      for (index e = 0; e < s * L; ++e) {
+        const T h_prev = h_carry[b * n + e];
+        input[d + e] = col.normalize_features
+            ? (h_prev - means[s][p * s * L + e]) / std::sqrt(variances[s][p * s * L + e])
+            : h_prev;
+      }
+    }
+    for (index j = 0; j < L; ++j) {
+      const index column = s * L + j;
+      for (index b = 0; b < B; ++b) {
+        const index p = P == 1 ? 0 : b;
+        const T* w = weights[s] + (p * L + j) * N_GATES * row_size;
+        const T h_prev = h_carry[b * n + column], c_prev = c_carry[b * n + column];
+        T a[N_GATES];
+        for (index k = 0; k < N_GATES; ++k) {
+          const T* row = w + k * row_size;
+          a[k] = dot(row, stage_input.data() + b * width, width) + row[width] * h_prev +
+                 row[width + 1];
+        }
+        T i_gate = sigmoid(a[GATE_I]), f_gate = sigmoid(a[GATE_F]);
+        T candidate = std::tanh(a[GATE_G]), o_gate = sigmoid(a[GATE_O]);
+        T c_new = f_gate * c_prev + i_gate * candidate;
+        T tanh_c = std::tanh(c_new);
+        h[b * n + column] = o_gate * tanh_c;
+        c[b * n + column] = c_new;
+        if (s != active) continue;
+        ColumnStep<T>& step = steps[b * L + j];
+        step.forget = f_gate;
+        step.kappa[GATE_I] = candidate * i_gate * (T(1) - i_gate);
+        step.kappa[GATE_F] = c_prev * f_gate * (T(1) - f_gate);
+        step.kappa[GATE_G] = i_gate * (T(1) - candidate * candidate);
+        step.kappa[GATE_O] = 0;
+        T dc_dh_prev = 0;
+        for (index k = 0; k < N_GATES; ++k) dc_dh_prev += step.kappa[k] * w[k * row_size + width];
+        step.dc_dh_prev = dc_dh_prev;
+        step.dh_doutput_preactivation = tanh_c * o_gate * (T(1) - o_gate);
+        step.dh_dh_prev_output = step.dh_doutput_preactivation * w[GATE_O * row_size + width];
+        step.dh_dc = o_gate * (T(1) - tanh_c * tanh_c);
+        step.h_prev = h_prev;
+      }
+    }
+  }
+  // The active stage's feature statistics move after its step read them (plugins/ccn.py).
+  if (col.normalize_features && active > 0) {
+    update_statistics(h_carry, n, B, P, active * L, col.normalization_rate, col.variance_floor,
+                      means[active], variances[active]);
+  }
+
+  engine.predict(h.data());
+  engine.update_heads();
+  engine.learner_state_weight();
+
+  // The sweep: per active column, per stream, the column's [4, m] block of sensitivities,
+  // then the optimiser's update from the old traces, then the new traces. Rows i, f, g are
+  // one loop of 3m entries (kappa_k z_i, with z repeated per row), row o (kappa_o = 0) adds
+  // dh/da_o z: loops long enough to vectorise even when m is short. Columns go in chunks of
+  // ~64 KB of weights: each stream's chunk is one contiguous run of every array (prefetch
+  // friendly), while a shared-parameter chunk's update sum stays in cache across streams.
+  const bool train = td.train_learner;
+  std::optional<ParameterOptimizer<T>> optimizer;
+  if (train) optimizer.emplace(engine.learner_optimizer());
+  T* weight = weights[active];
+  auto* sensitivity_h = static_cast<T*>(col.sensitivity_h);
+  auto* sensitivity_c = static_cast<T*>(col.sensitivity_c);
+  auto* trace = static_cast<T*>(td.learner_trace);
+  const index block = N_GATES * m;  // one column's weights
+  const index rows_ifg = 3 * m;
+  const index chunk = std::max<index>(1, std::min<index>(L, (index(1) << 14) / block));
+  std::vector<T> update(chunk * block), repeated_input(B * rows_ifg), kappa(rows_ifg);
+  for (index b = 0; b < B; ++b) {  // z = [x^, n_k(h_<k), h_j (patched per column), 1]
+    for (index k = 0; k < 3; ++k) {
+      T* z = repeated_input.data() + b * rows_ifg + k * m;
+      std::copy_n(stage_input.data() + b * (m - 2), m - 2, z);
+      z[m - 1] = T(1);
+    }
+  }
+  for (index first = 0; first < L; first += chunk) {
+    const index last = std::min(L, first + chunk);
+    if (P == 1) std::fill(update.begin(), update.end(), T(0));
+    for (index b = 0; b < B; ++b) {
+      for (index j = first; j < last; ++j) {
+        const ColumnStep<T> step = steps[b * L + j];
+        T* __restrict z = repeated_input.data() + b * rows_ifg;
+        for (index k = 0; k < 3; ++k) {
+          z[k * m + m - 2] = step.h_prev;
+          std::fill_n(kappa.data() + k * m, m, step.kappa[k]);
+        }
+        const index offset = (b * L + j) * block;
+        T* __restrict sh = sensitivity_h + offset;
+        T* __restrict sc = sensitivity_c + offset;
+        prefetch_ahead(sh, sc, train ? trace + offset : nullptr, block);
+        const T* __restrict kappa_row = kappa.data();
+        const T forget = step.forget, dc_dh_prev = step.dc_dh_prev;
+        const T dh_dh_prev = step.dh_dh_prev_output, dh_dc = step.dh_dc;
+        for (index i = 0; i < rows_ifg; ++i) {
+          T sc_new = forget * sc[i] + dc_dh_prev * sh[i] + kappa_row[i] * z[i];
+          sh[i] = dh_dh_prev * sh[i] + dh_dc * sc_new;
+          sc[i] = sc_new;
+        }
+        const T dh_da = step.dh_doutput_preactivation;
+        const T* __restrict z_o = z + 2 * m;
+        T* __restrict sh_o = sh + rows_ifg;
+        T* __restrict sc_o = sc + rows_ifg;
+        for (index i = 0; i < m; ++i) {
+          T sc_new = forget * sc_o[i] + dc_dh_prev * sh_o[i];
+          sh_o[i] = dh_dh_prev * sh_o[i] + dh_dc * sc_new + dh_da * z_o[i];
+          sc_o[i] = sc_new;
+        }
+        if (!train) continue;
+        T* __restrict u = update.data() + (P == 1 ? (j - first) * block : 0);
+        if (P != 1) std::fill_n(u, block, T(0));
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+          const T v = engine.v(b, q, active * L + j);
+          T* __restrict e = trace + q * B * L * block + offset;
+          for (index i = 0; i < block; ++i) {
+            u[i] += error * e[i];
+            e[i] = e[i] * decay + v * sh[i];
+          }
+        }
+        if (P != 1) optimizer->apply(weight, offset, u, T(1), block);
+      }
+    }
+    if (train && P == 1) {
+      optimizer->apply(weight, first * block, update.data(), T(B), (last - first) * block);
+    }
+  }
+
+  std::copy(h.begin(), h.end(), h_carry);
+  std::copy(c.begin(), c.end(), c_carry);
+  engine.finish();
+  return 0;
+}
+
+// ------------------------------------------------------------------ dense LSTM, T-BPTT
+// plugins/tbptt.py: a window of the last k steps, newest in slot 0; grad(v) back-propagates
+// v through it with the current (updated) recurrent weights U = W[:, :, :, d : d + n].
+template <typename T>
+int td_window(const TDArgs& td, const WindowArgs& win) {
+  Engine<T> engine(td);
+  if (!engine.inputs_finite()) return 1;
+  const index B = engine.B, P = engine.P, d = engine.d, n = engine.n, K = engine.K;
+  const index window = win.truncation, m = d + n + 1, rows = N_GATES * n, block = rows * m;
+  auto* weight = static_cast<T*>(win.weight);                    // [P, 4, n, m]
+  auto* h_carry = static_cast<T*>(win.h);                        // [B, n]
+  auto* c_carry = static_cast<T*>(win.c);                        // [B, n]
+  auto* cell_input = static_cast<T*>(win.window_cell_input);     // [k, B, m]
+  auto* dc_da = static_cast<T*>(win.window_dc_dpreactivation);   // [k, B, 4, n]
+  auto* dh_da = static_cast<T*>(win.window_dh_dpreactivation);   // [k, B, 4, n]
+  auto* forget = static_cast<T*>(win.window_dc_dc_prev);         // [k, B, n]
+  auto* dh_dc = static_cast<T*>(win.window_dh_dc);               // [k, B, n]
+  auto* steps_in_window = static_cast<int64_t*>(win.steps_in_window);  // [B]
+
+  engine.normalize_observation();
+
+  // Age every window slot by one step; slot 0 receives this step.
+  T* slots[5] = {cell_input, dc_da, dh_da, forget, dh_dc};
+  const index slot_sizes[5] = {B * m, B * rows, B * rows, B * n, B * n};
+  for (int s = 0; s < 5; ++s) {
+    std::memmove(slots[s] + slot_sizes[s], slots[s], sizeof(T) * slot_sizes[s] * (window - 1));
+  }
+  std::vector<T> a(rows);
+  for (index b = 0; b < B; ++b) {
+    const index p = P == 1 ? 0 : b;
+    T* z = cell_input + b * m;  // z = [x^, h_prev, 1], read in full before h moves
+    std::copy_n(engine.observation.data() + b * d, d, z);
+    std::copy_n(h_carry + b * n, n, z + d);
+    z[d + n] = T(1);
+    for (index r = 0; r < rows; ++r) a[r] = dot(weight + (p * rows + r) * m, z, m);
+    for (index i = 0; i < n; ++i) {
+      T i_gate = sigmoid(a[GATE_I * n + i]), f_gate = sigmoid(a[GATE_F * n + i]);
+      T candidate = std::tanh(a[GATE_G * n + i]), o_gate = sigmoid(a[GATE_O * n + i]);
+      T c_prev = c_carry[b * n + i];
+      T c_new = f_gate * c_prev + i_gate * candidate;
+      T tanh_c = std::tanh(c_new);
+      T mu = o_gate * (T(1) - tanh_c * tanh_c);
+      T kappa[N_GATES] = {candidate * i_gate * (T(1) - i_gate), c_prev * f_gate * (T(1) - f_gate),
+                          i_gate * (T(1) - candidate * candidate), T(0)};
+      for (index k = 0; k < N_GATES; ++k) {
+        dc_da[(b * N_GATES + k) * n + i] = kappa[k];
+        dh_da[(b * N_GATES + k) * n + i] = mu * kappa[k];
+      }
+      dh_da[(b * N_GATES + GATE_O) * n + i] = tanh_c * o_gate * (T(1) - o_gate);
+      forget[b * n + i] = f_gate;
+      dh_dc[b * n + i] = mu;
+      c_carry[b * n + i] = c_new;
+      h_carry[b * n + i] = o_gate * tanh_c;
+    }
+    steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
+  }
+
+  engine.predict(h_carry);
+  engine.update_heads();
+  engine.learner_state_weight();
+  if (!td.train_learner) {
+    engine.finish();
+    return 0;
+  }
+
+  // Pass 1: the optimiser's update from the old traces (eager forms grad after the update).
+  ParameterOptimizer<T> optimizer = engine.learner_optimizer();
+  auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
+  std::vector<T> update(block, T(0));
+  for (index b = 0; b < B; ++b) {
+    if (P != 1) std::fill(update.begin(), update.end(), T(0));
+    for (index q = 0; q < K; ++q) {
+      const T error = engine.delta[b * K + q];
+      const T* __restrict e = trace + (q * B + b) * block;
+      T* __restrict u = update.data();
+      for (index i = 0; i < block; ++i) u[i] += error * e[i];
+    }
+    if (P != 1) optimizer.apply(weight, b * block, update.data(), T(1), block);
+  }
+  if (P == 1) optimizer.apply(weight, 0, update.data(), T(B), block);
+
+  // Pass 2: adjoints of the pre-activations at every age of the window, newest first,
+  // then trace = gamma lambda trace + sum_age adjoint_age (x) z_age.
+  std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
+  std::vector<T> gradient(m);
+  for (index b = 0; b < B; ++b) {
+    const index p = P == 1 ? 0 : b;
+    const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
+    for (index q = 0; q < K; ++q) {
+      for (index i = 0; i < n; ++i) {
+        adjoint_h[i] = engine.v(b, q, i);
+        adjoint_c[i] = 0;
+      }
+      for (index age = 0; age < ages; ++age) {
+        const index slot = age * B + b;
+        T* adjoint_a = adjoint.data() + age * rows;
+        for (index r = 0; r < rows; ++r) {
+          const index i = r % n;
+          adjoint_a[r] = adjoint_h[i] * dh_da[slot * rows + r] + adjoint_c[i] * dc_da[slot * rows + r];
+        }
+        std::fill(next_h.begin(), next_h.end(), T(0));
+        for (index r = 0; r < rows; ++r) {
+          const T* __restrict u = weight + (p * rows + r) * m + d;
+          const T scale = adjoint_a[r];
+          for (index j = 0; j < n; ++j) next_h[j] += scale * u[j];
+        }
+        for (index i = 0; i < n; ++i) {
+          const T f = forget[slot * n + i];
+          next_c[i] = dh_dc[slot * n + i] * f * adjoint_h[i] + f * adjoint_c[i];
+        }
+        std::swap(adjoint_h, next_h);
+        std::swap(adjoint_c, next_c);
+      }
+      const T decay = engine.trace_decay[b];
+      T* e = trace + (q * B + b) * block;
+      for (index r = 0; r < rows; ++r) {
+        T* __restrict g = gradient.data();
+        std::fill_n(g, m, T(0));
+        for (index age = 0; age < ages; ++age) {
+          const T scale = adjoint[age * rows + r];
+          const T* __restrict z = cell_input + (age * B + b) * m;
+          for (index i = 0; i < m; ++i) g[i] += scale * z[i];
+        }
+        T* __restrict e_row = e + r * m;
+        for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + g[i];
+      }
+    }
+  }
+  engine.finish();
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int td_columns_float32(const TDArgs* td, const ColumnArgs* col) { return td_columns<float>(*td, *col); }
+int td_columns_float64(const TDArgs* td, const ColumnArgs* col) { return td_columns<double>(*td, *col); }
+int td_window_float32(const TDArgs* td, const WindowArgs* win) { return td_window<float>(*td, *win); }
+int td_window_float64(const TDArgs* td, const WindowArgs* win) { return td_window<double>(*td, *win); }
+}

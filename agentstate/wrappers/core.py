@@ -1,0 +1,563 @@
+"""One TD engine over B streams: learner inputs, online learning, augmented observations.
+
+Every wrapper (single env, gymnasium vector env, SB3 VecEnv) reduces to ``AgentStateCore``:
+at each step of stream ``b`` it builds the learner input
+``x_t = [enc(o_t), enc(a_t-1), r_t]`` (the action and reward parts are zero at an episode's
+first observation), advances the ``TDPredictor`` (which updates the learner online on the
+cumulants) and returns ``[enc(o_t), h_t]`` as float32.
+
+Episode ends, per stream:
+
+* the episode's last observation is stepped with discount 0 if it terminated and ``gamma``
+  if it was truncated (TD bootstraps from it), then the next observation starts a new
+  episode (``episode_start``: state, credit memory and traces reset, no TD error across);
+* with auto-reset in the same step (SB3 VecEnvs, gymnasium ``SAME_STEP``) the terminal
+  and the reset observation arrive together. The engine steps all streams at once, so the
+  two steps are folded into one: the terminal state ``h_T`` and prediction ``y_T`` are
+  computed without advancing (``functional_step``), the learner's state is reset, and the
+  reset observation is stepped with discount 0 and cumulant ``c_T + gamma y_T`` (truncated)
+  or ``c_T`` (terminated). The TD error is then exactly ``c_T + gamma_T y_T - y_T-1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+
+from agentstate.observation import SpaceEncoder, make_observation_encoder, make_space_encoder
+from agentstate.registry import make_learner
+from agentstate.td import TDConfig, TDPredictor
+from agentstate.wrappers.cumulants import Cumulants
+from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
+from agentstate.wrappers.settings import AgentStateSettings
+
+STATE_FORMAT = "agentstate.wrapper/1"
+NONFINITE_INFO_KEY = "agent_state_nonfinite"
+BOUNDED_STATE_LEARNERS = frozenset({"columnar", "ccn", "elstm", "rtrl", "tbptt", "uoro", "snap1"})
+"""LSTM-family learners: ``h = o tanh(c)`` or ``sigmoid(.) c`` with ``|c| <= 1``, so
+``h`` lies in [-1, 1]. Any other learner's state is bounded only by finiteness."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class StepBatch:
+    """What one step of B streams brings to the core.
+
+    Attributes:
+        observations: raw batch of observations (leading stream axis).
+        rewards: ``[B]`` rewards of the transitions into ``observations``.
+        terminated: ``[B]`` bool, ``observations`` ends its episode by termination.
+        truncated: ``[B]`` bool, ``observations`` ends its episode by truncation.
+        episode_start: ``[B]`` bool, ``observations`` starts a new episode.
+        actions: raw batch of the actions that led to ``observations`` (None at reset).
+        infos: one info dict per stream (read by a callable cumulant).
+        final_observations: stream -> terminal observation, for streams whose episode ended
+            at this step and were reset in the same step (``observations`` then holds the
+            reset observation; the stream's ``terminated``/``truncated`` describe the end).
+        final_infos: stream -> info dict of the terminal observation.
+    """
+
+    observations: Any
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    episode_start: np.ndarray
+    actions: Any = None
+    infos: Sequence[Mapping[str, Any]] | None = None
+    final_observations: Mapping[int, Any] = field(default_factory=dict)
+    final_infos: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """What the core returns for one step.
+
+    Attributes:
+        observations: ``[B, D]`` float32 augmented observations.
+        final_observations: stream -> ``[D]`` float32 augmented terminal observation.
+        nonfinite: stream -> names of the non-finite inputs skipped (``nonfinite="skip"``).
+    """
+
+    observations: np.ndarray
+    final_observations: dict[int, np.ndarray]
+    nonfinite: dict[int, list[str]]
+
+
+@dataclass
+class _Rows:
+    """Per-row float64 arrays of one step.
+
+    ``encoded: [R, observation_size]``, ``learner_input: [R, input_size]``,
+    ``cumulant: [R, n_cumulants]``.
+    """
+
+    encoded: np.ndarray
+    learner_input: np.ndarray
+    cumulant: np.ndarray
+
+    @classmethod
+    def empty(cls, core: AgentStateCore) -> _Rows:
+        return cls(
+            np.zeros((0, core.observation_size)),
+            np.zeros((0, len(core.input_names))),
+            np.zeros((0, core.cumulants.size)),
+        )
+
+    def __iter__(self) -> Any:
+        return iter((self.encoded, self.learner_input, self.cumulant))
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.learner_input).all() and np.isfinite(self.cumulant).all())
+
+    def impute(self, mean: np.ndarray, encoder: SpaceEncoder) -> None:
+        """Non-finite inputs become the input normaliser's running mean (normalised 0).
+
+        The observation part returned to the policy gets the same values, kept in bounds.
+        """
+        bad = ~np.isfinite(self.learner_input)
+        self.learner_input = np.where(bad, mean, self.learner_input)
+        imputed = np.clip(self.learner_input[:, : encoder.size], encoder.low, encoder.high)
+        self.encoded = np.where(bad[:, : encoder.size], imputed, self.encoded)
+
+
+class AgentStateCore:
+    """One learner and TD engine for B streams (see the module docstring).
+
+    Attributes:
+        settings: the wrapper settings.
+        streams: number of streams ``B``.
+        observation_encoder: flat encoder of the observation (``observation_size`` long).
+        action_encoder: flat encoder of the previous action, or None.
+        cumulants: the cumulants the heads predict.
+        learner: the state learner (``n_features`` agent-state features).
+        engine: the ``TDPredictor`` that trains it.
+        observation_space: float32 Box of one augmented observation, ``[D]``.
+        learning: whether the learner is trained.
+        state: ``[B, n_features]`` agent state of the last step.
+        predictions: ``[B, n_cumulants]`` head predictions of the last step.
+
+    Example:
+        >>> import numpy as np
+        >>> from gymnasium import spaces
+        >>> from agentstate.wrappers.settings import AgentStateSettings
+        >>> core = AgentStateCore(spaces.Box(-1, 1, (3,)), spaces.Discrete(2), streams=2,
+        ...                       settings=AgentStateSettings(seed=0))
+        >>> batch = StepBatch(np.zeros((2, 3)), np.zeros(2), np.zeros(2, bool),
+        ...                   np.zeros(2, bool), episode_start=np.ones(2, bool))
+        >>> core.step(batch).observations.shape
+        (2, 10)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        streams: int,
+        settings: AgentStateSettings,
+    ) -> None:
+        self.settings = settings
+        self.streams = streams
+        self.observation_encoder = make_observation_encoder(observation_space, settings.encoder)
+        self.action_encoder: SpaceEncoder | None = None
+        if settings.include_prev_action:
+            try:
+                self.action_encoder = make_space_encoder(action_space, "previous action")
+            except TypeError as error:
+                raise TypeError(f"{error}; or pass include_prev_action=False") from None
+        self.input_names = (
+            self.observation_encoder.component_names
+            + (self.action_encoder.component_names if self.action_encoder else [])
+            + (["previous reward"] if settings.include_prev_reward else [])
+        )
+        self.cumulants = Cumulants(settings.cumulants, observation_space, self.observation_encoder)
+        self.learner = make_learner(
+            settings.learner,
+            len(self.input_names),
+            streams=streams,
+            seed=settings.seed,
+            **settings.learner_kwargs,
+        )
+        config = TDConfig(
+            gamma=settings.gamma,
+            lambda_=settings.lambda_,
+            step_size=settings.step_size,
+            **settings.td_options,
+        )
+        self.engine = TDPredictor(self.learner, self.cumulants.size, config)
+        bounded = settings.learner in BOUNDED_STATE_LEARNERS
+        self._state_limit = 1.0 if bounded else FLOAT32_MAX
+        self.observation_space = self._augmented_space(np.inf if not bounded else 1.0)
+        self.learning = settings.learn
+        self.state = torch.zeros(streams, self.learner.n_features)
+        self.predictions = torch.zeros(streams, self.cumulants.size)
+        self.total_steps = 0
+        self.episode_steps = np.zeros(streams, dtype=np.int64)
+        self._divergence: str | None = None
+
+    # ---------------------------------------------------------------- spaces and shapes
+    @property
+    def observation_size(self) -> int:
+        """Length of the encoded observation."""
+        return self.observation_encoder.size
+
+    def _augmented_space(self, state_bound: float) -> spaces.Box:
+        n_features = self.learner.n_features
+        low = [np.full(n_features, -state_bound)]
+        high = [np.full(n_features, state_bound)]
+        if self.settings.include_observation:
+            low.insert(0, self.observation_encoder.low)
+            high.insert(0, self.observation_encoder.high)
+        return spaces.Box(
+            np.concatenate(low).astype(np.float32),
+            np.concatenate(high).astype(np.float32),
+            dtype=np.float32,
+        )
+
+    # ---------------------------------------------------------------- learning switch
+    def set_learning(self, learn: bool) -> None:
+        """Start or stop training.
+
+        Frozen, the state advances by the pure cell (no sensitivities, no traces). On
+        resuming, credit memory and traces restart from zero (the recurrent state is kept),
+        and the first step forms no TD error.
+        """
+        if learn and not self.learning:
+            carry = self.learner.carry
+            self.engine.reset_streams(torch.ones(self.streams, dtype=torch.bool))
+            self.learner.carry = carry
+        self.learning = bool(learn)
+
+    # ---------------------------------------------------------------- the step
+    def step(self, batch: StepBatch) -> StepResult:
+        """Advance every stream by one observation (see the module docstring)."""
+        if self._divergence is not None:
+            raise LearnerDivergedError(self._divergence)
+        streams, gamma = self.streams, self.settings.gamma
+        episode_start = np.asarray(batch.episode_start, dtype=bool).reshape(streams)
+        ended = sorted(batch.final_observations)
+        fresh = episode_start.copy()
+        fresh[ended] = True
+        rewards = np.asarray(batch.rewards, dtype=np.float64).reshape(streams)
+        previous_action = self._encode_actions(batch.actions)
+        current = self._rows(batch.observations, previous_action, rewards, fresh, batch.infos)
+        current.cumulant[fresh] = 0.0
+        final = (
+            _Rows.empty(self)
+            if not ended
+            else self._final_rows(batch, ended, previous_action, rewards)
+        )
+        terminated = np.asarray(batch.terminated, dtype=bool).reshape(streams) & ~fresh
+
+        nonfinite: dict[int, list[str]] = {}
+        if not (current.finite() and final.finite()):
+            nonfinite = self._nonfinite(current, final, fresh, ended)
+            mean = self.engine.input_normalizer.mean[0].double().numpy()
+            current.impute(mean, self.observation_encoder)
+            final.impute(mean, self.observation_encoder)
+
+        dtype = self.learner.dtype
+        x = torch.from_numpy(current.learner_input).to(dtype)
+        cumulant = torch.from_numpy(current.cumulant).to(dtype)
+        discount = None
+        if terminated.any() or ended or nonfinite:
+            discount = np.where(terminated, 0.0, gamma)
+        final_states: Tensor | None = None
+        if ended:
+            final_states, final_predictions = self._peek(
+                ended, torch.from_numpy(final.learner_input).to(dtype)
+            )
+            self._check(final_states, final_predictions, "terminal observation")
+            truncated = np.asarray(batch.truncated, dtype=bool).reshape(streams)[ended]
+            bootstrap = torch.from_numpy(truncated * gamma).to(dtype).unsqueeze(1)
+            cumulant[ended] = (
+                torch.from_numpy(final.cumulant).to(dtype) + bootstrap * final_predictions
+            )
+            discount[ended] = 0.0
+        if nonfinite:
+            # delta = c + 0 * y_t - y_t-1 = 0: the skipped step teaches nothing.
+            skipped = torch.zeros(streams, dtype=torch.bool)
+            skipped[list(nonfinite)] = True
+            skipped &= ~torch.from_numpy(episode_start)
+            cumulant[skipped] = self.engine.previous_prediction[skipped]
+            discount[list(nonfinite)] = 0.0
+        if ended:
+            mask = torch.zeros(streams, dtype=torch.bool)
+            mask[ended] = True
+            self.learner.reset(mask)
+
+        discount_tensor = None if discount is None else torch.from_numpy(discount).to(dtype)
+        state, predictions = self._advance(x, cumulant, discount_tensor, episode_start)
+        self._check(state, predictions, "observation")
+        self.state, self.predictions = state, predictions
+        self.total_steps += 1
+        self.episode_steps = np.where(fresh, 0, self.episode_steps + 1)
+
+        finals = {}
+        if final_states is not None:
+            augmented_finals = self._augment(final.encoded, final_states.to(torch.float32).numpy())
+            finals = dict(zip(ended, augmented_finals, strict=True))
+        return StepResult(
+            observations=self._augment(current.encoded, state.to(torch.float32).numpy()),
+            final_observations=finals,
+            nonfinite=nonfinite,
+        )
+
+    def _rows(
+        self,
+        observations: Any,
+        previous_action: np.ndarray,
+        rewards: np.ndarray,
+        fresh: np.ndarray,
+        infos: Sequence[Mapping[str, Any]] | None,
+    ) -> _Rows:
+        """Encoded observations, learner inputs and cumulants of a batch."""
+        encoded = self.observation_encoder.encode(observations, len(rewards))
+        return _Rows(
+            encoded,
+            self._learner_input(encoded, previous_action, rewards, fresh),
+            self.cumulants(observations, encoded, rewards, infos),
+        )
+
+    def _final_rows(
+        self,
+        batch: StepBatch,
+        ended: list[int],
+        previous_action: np.ndarray,
+        rewards: np.ndarray,
+    ) -> _Rows:
+        """The rows of the terminal observations of the streams in ``ended``."""
+        rows = [
+            self._rows(
+                self.observation_encoder.add_stream_axis(batch.final_observations[stream]),
+                previous_action[stream : stream + 1],
+                rewards[stream : stream + 1],
+                np.zeros(1, dtype=bool),
+                [batch.final_infos.get(stream, {})],
+            )
+            for stream in ended
+        ]
+        return _Rows(*(np.concatenate(parts) for parts in zip(*rows, strict=True)))
+
+    def _encode_actions(self, actions: Any) -> np.ndarray:
+        if self.action_encoder is None:
+            return np.zeros((self.streams, 0))
+        if actions is None:
+            return np.zeros((self.streams, self.action_encoder.size))
+        return self.action_encoder.encode(actions, self.streams)
+
+    def _learner_input(
+        self,
+        encoded: np.ndarray,
+        previous_action: np.ndarray,
+        rewards: np.ndarray,
+        fresh: np.ndarray,
+    ) -> np.ndarray:
+        """``[enc(o_t), enc(a_t-1), r_t]``, action and reward zeroed at an episode start."""
+        parts = [encoded]
+        if self.action_encoder is not None:
+            parts.append(np.where(fresh[:, None], 0.0, previous_action))
+        if self.settings.include_prev_reward:
+            parts.append(np.where(fresh, 0.0, rewards)[:, None])
+        return np.concatenate(parts, axis=1)
+
+    def _augment(self, encoded: np.ndarray, state: np.ndarray) -> np.ndarray:
+        if not self.settings.include_observation:
+            return state.astype(np.float32, copy=True)
+        return np.concatenate([encoded.astype(np.float32), state], axis=1)
+
+    # ---------------------------------------------------------------- engine access
+    def _advance(
+        self, x: Tensor, cumulant: Tensor, discount: Tensor, episode_start: np.ndarray
+    ) -> tuple[Tensor, Tensor]:
+        """One step of every stream: learning through the engine, or the frozen cell."""
+        start = torch.as_tensor(episode_start)
+        if self.learning:
+            # TDPredictor.step returns predictions only. The fused kernel advances the carry
+            # (h, c) of the learner's fused_layout() in place; for the eager engine, h_t is
+            # the pure cell on the same (reset) carry, parameters and normalised input.
+            if start.any():
+                self.engine.reset_streams(start)
+            fused = self.engine.backend == "fused"
+            state = None if fused else self._forward(x)[1]
+            predictions = self.engine.step(x, cumulant, discount=discount)
+            if state is None:
+                state = self.learner.fused_layout().carry[0].clone()  # type: ignore[attr-defined]
+            return state, predictions
+        if start.any():
+            self.learner.reset(start)
+        carry, state = self._forward(x)
+        self.learner.carry = carry
+        return state, self._head_predictions(state, x)
+
+    def _forward(self, x: Tensor) -> tuple[Any, Tensor]:
+        """The learner's next carry and agent state for input ``x``, not advancing it."""
+        normalized = self.engine.input_normalizer.normalize(x)
+        with torch.no_grad():
+            return self.learner.functional_step(self.learner.params, self.learner.carry, normalized)
+
+    def _peek(self, streams: list[int], final_input: Tensor) -> tuple[Tensor, Tensor]:
+        """Agent state and predictions of ``final_input`` for ``streams``, not advancing.
+
+        Returns:
+            ``([len(streams), n_features], [len(streams), n_cumulants])``.
+        """
+        x = torch.zeros(self.streams, final_input.shape[1], dtype=final_input.dtype)
+        x[streams] = final_input
+        _, state = self._forward(x)
+        return state[streams], self._head_predictions(state, x)[streams]
+
+    def _head_predictions(self, state: Tensor, x: Tensor) -> Tensor:
+        """``W_k . [normalize(h), normalize(x) (if the heads see it), 1]``: ``[B, K]``.
+
+        The features of the engine's heads (``agentstate.td``); the tests hold this to the
+        predictions ``TDPredictor.step`` returns.
+        """
+        engine = self.engine
+        parts = [engine.feature_normalizer.normalize(state)]
+        if engine.config.include_observation:
+            parts.append(engine.input_normalizer.normalize(x))
+        if engine.config.include_bias:
+            parts.append(torch.ones_like(state[:, :1]))
+        features = torch.cat(parts, dim=1)
+        return (features.unsqueeze(1) * engine.head_weight).sum(-1)
+
+    # ---------------------------------------------------------------- checks
+    def _nonfinite(
+        self, current: _Rows, final: _Rows, fresh: np.ndarray, ended: list[int]
+    ) -> dict[int, list[str]]:
+        """Stream -> names of its non-finite inputs; raises unless ``nonfinite="skip"``."""
+        input_names = np.array(self.input_names, dtype=object)
+        cumulant_names = np.array([f"cumulant {n}" for n in self.cumulants.names], dtype=object)
+        found: dict[int, list[str]] = {}
+        for stream in range(self.streams):
+            bad_cumulant = ~np.isfinite(current.cumulant[stream]) & ~fresh[stream]
+            names = [
+                *input_names[~np.isfinite(current.learner_input[stream])],
+                *cumulant_names[bad_cumulant],
+            ]
+            if names:
+                found[stream] = names
+        for row, stream in enumerate(ended):
+            names = [
+                *input_names[~np.isfinite(final.learner_input[row])],
+                *cumulant_names[~np.isfinite(final.cumulant[row])],
+            ]
+            if names:
+                found.setdefault(stream, []).extend(f"terminal {name}" for name in names)
+        if self.settings.nonfinite == "raise":
+            stream, names = next(iter(found.items()))
+            episode_step = 0 if fresh[stream] else self.episode_steps[stream] + 1
+            raise NonFiniteInputError(
+                f"non-finite value in {', '.join(map(repr, names[:5]))}"
+                f"{' and others' if len(names) > 5 else ''} at step {self.total_steps} "
+                f"(stream {stream}, episode step {episode_step}); the learner was not "
+                "changed. Fix the environment, or pass nonfinite='skip' to keep such steps "
+                "out of learning"
+            )
+        return found
+
+    def _check(self, state: Tensor, predictions: Tensor, what: str) -> None:
+        """Detect a diverged learner before its output reaches the policy."""
+        if bool((state.abs() <= self._state_limit).all()) and bool(
+            torch.isfinite(predictions).all()
+        ):
+            return
+        bad_state = ~(state.abs() <= self._state_limit).all(dim=1)
+        streams = (bad_state | ~torch.isfinite(predictions).all(dim=1)).nonzero()[:, 0].tolist()
+        broken = [k for k, v in self.learner.params.items() if not bool(torch.isfinite(v).all())]
+        if not bool(torch.isfinite(self.engine.head_weight).all()):
+            broken.append("head weights")
+        self._divergence = (
+            f"the {self.settings.learner} learner diverged: its agent state or predictions for "
+            f"the {what} at step {self.total_steps} are non-finite or outside "
+            f"[-{self._state_limit:g}, {self._state_limit:g}] (streams {streams}; non-finite "
+            f"parameters: {', '.join(broken) or 'none'}). Nothing was passed to the policy. "
+            f"Lower step_size (now {self.settings.step_size:g}) or load a saved good state"
+        )
+        raise LearnerDivergedError(self._divergence)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.describe(),
+            "observation_size": self.observation_size,
+            "input_size": len(self.input_names),
+            "n_features": self.learner.n_features,
+            "cumulants": list(self.cumulants.names),
+            "td_config": dataclasses.asdict(self.engine.config),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly.
+
+        The engine (learner, heads, normalisers, traces, optimiser), step counters, and
+        what the state was built for (checked by ``load_state_dict``).
+        """
+        return {
+            "format": STATE_FORMAT,
+            **self._identity(),
+            "streams": self.streams,
+            "engine": self.engine.state_dict(),
+            "total_steps": self.total_steps,
+            "episode_steps": self.episode_steps.tolist(),
+            "state": self.state.clone(),
+            "predictions": self.predictions.clone(),
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore ``state_dict``; a state built for another env or learner is refused.
+
+        With a different number of streams (trained on N envs, evaluated on one), the
+        shared parts are loaded (parameters, heads, normalisers, optimiser) and every stream
+        starts a new episode.
+        """
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"not an agent-state wrapper state (format {saved.get('format')!r}, expected "
+                f"{STATE_FORMAT!r})"
+            )
+        mine = self._identity()
+        differences = [
+            f"{key}: saved {_short(saved.get(key))}, here {_short(value)}"
+            for key, value in mine.items()
+            if saved.get(key) != value
+        ]
+        if differences:
+            raise ValueError(
+                "cannot load agent state: it was saved for a different env or learner ("
+                + "; ".join(differences)
+                + "). Build the wrapper with the saved settings on the same kind of env"
+            )
+        if saved["streams"] == self.streams:
+            self.engine.load_state_dict(saved["engine"])
+            self.total_steps = int(saved["total_steps"])
+            self.episode_steps = np.asarray(saved["episode_steps"], dtype=np.int64)
+            self.state = saved["state"].clone()
+            self.predictions = saved["predictions"].clone()
+        else:
+            self.engine.load_state_dict(_shared_engine_state(saved["engine"], self.engine))
+            self.total_steps = int(saved["total_steps"])
+            self.episode_steps[:] = 0
+        self._divergence = None
+
+
+def _shared_engine_state(saved: Mapping[str, Any], engine: TDPredictor) -> dict[str, Any]:
+    """``engine``'s own state with the stream-independent parts taken from ``saved``."""
+    merged = engine.state_dict()
+    for key in ("head_weight", "input_normalizer", "feature_normalizer", "optimizer"):
+        merged[key] = saved[key]
+    for key in ("params", "generator"):
+        merged["learner"][key] = saved["learner"][key]
+    return merged
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

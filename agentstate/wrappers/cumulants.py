@@ -1,0 +1,109 @@
+"""Cumulants: the signals whose discounted futures the TD heads predict.
+
+Several heads share one agent state. Predicting the reward alone asks the state only for
+what the reward depends on; predicting every observation component (a horde of general
+value functions) forces it to carry whatever the coming observations will reveal.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import iterate
+
+from agentstate.observation import SpaceEncoder
+from agentstate.wrappers.settings import CumulantFunction
+
+
+class Cumulants:
+    """Computes ``[streams, n_cumulants]`` cumulants from a step's data.
+
+    Attributes:
+        names: one name per cumulant (``reward``, observation component names,
+            ``cumulant[k]``).
+        needs_info: whether the cumulants read each stream's ``info`` dict.
+
+    Example:
+        >>> import numpy as np
+        >>> from gymnasium import spaces
+        >>> from agentstate.observation import make_space_encoder
+        >>> space = spaces.Discrete(2)
+        >>> cumulants = Cumulants("reward+observation", space, make_space_encoder(space, "o"))
+        >>> cumulants.names
+        ['reward', 'o==0', 'o==1']
+        >>> cumulants(np.array([1]), np.array([[0.0, 1.0]]), np.array([0.5]), None).tolist()
+        [[0.5, 0.0, 1.0]]
+    """
+
+    def __init__(
+        self,
+        kind: str | CumulantFunction,
+        observation_space: spaces.Space,
+        observation_encoder: SpaceEncoder,
+    ) -> None:
+        self.kind = kind
+        self.observation_space = observation_space
+        if callable(kind):
+            sample = copy.deepcopy(observation_space).sample()
+            size = self._call(sample, 0.0, {}).size
+            if size == 0:
+                raise ValueError("the cumulant callable returned an empty array")
+            self.names = [f"cumulant[{k}]" for k in range(size)]
+        else:
+            self.names = (["reward"] if "reward" in kind else []) + (
+                list(observation_encoder.component_names) if "observation" in kind else []
+            )
+        self.needs_info = callable(kind)
+
+    @property
+    def size(self) -> int:
+        """Number of cumulants (TD heads)."""
+        return len(self.names)
+
+    def _call(self, observation: Any, reward: float, info: Mapping[str, Any]) -> np.ndarray:
+        assert callable(self.kind)
+        return np.asarray(self.kind(observation, reward, info), dtype=np.float64).ravel()
+
+    def __call__(
+        self,
+        observations: Any,
+        encoded_observations: np.ndarray,
+        rewards: np.ndarray,
+        infos: Sequence[Mapping[str, Any]] | None,
+    ) -> np.ndarray:
+        """The cumulants that arrive with ``observations``.
+
+        Args:
+            observations: the raw batch (used by a callable).
+            encoded_observations: ``[streams, observation_size]``.
+            rewards: ``[streams]`` rewards of the transitions into ``observations``.
+            infos: one info dict per stream (only read by a callable).
+
+        Returns:
+            ``[streams, n_cumulants]`` float64.
+        """
+        if callable(self.kind):
+            infos = infos if infos is not None else [{}] * len(rewards)
+            rows = [
+                self._call(observation, float(reward), info)
+                for observation, reward, info in zip(
+                    iterate(self.observation_space, observations), rewards, infos, strict=True
+                )
+            ]
+            sizes = {row.size for row in rows}
+            if sizes != {self.size}:
+                raise ValueError(
+                    f"the cumulant callable returned {sorted(sizes)} values; it returned "
+                    f"{self.size} on its first call and must keep that size"
+                )
+            return np.stack(rows)
+        parts = []
+        if "reward" in self.kind:
+            parts.append(np.asarray(rewards, dtype=np.float64).reshape(-1, 1))
+        if "observation" in self.kind:
+            parts.append(encoded_observations)
+        return np.concatenate(parts, axis=1)

@@ -1,0 +1,99 @@
+"""The settings every agent-state wrapper shares, in one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agentstate.observation import Encoder
+
+CumulantFunction = Callable[[Any, float, Mapping[str, Any]], Any]
+"""``(observation, reward, info) -> 1-D array``: one cumulant per entry."""
+
+CUMULANT_NAMES = ("reward", "observation", "reward+observation")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class AgentStateSettings:
+    """How a wrapper builds, trains and exposes the agent state."""
+
+    learner: str = "columnar"
+    """Registered state learner (``agentstate.available_learners()``)."""
+    cumulants: str | CumulantFunction = "reward"
+    """What the TD heads predict the discounted future of: ``"reward"``, ``"observation"``
+    (one head per encoded observation component), ``"reward+observation"``, or a callable
+    ``(observation, reward, info) -> 1-D array``."""
+    include_observation: bool = True
+    """Return ``[encoded observation, agent state]``; False returns the agent state alone."""
+    include_prev_action: bool = True
+    """The learner's input carries the previous action (one-hot if discrete)."""
+    include_prev_reward: bool = True
+    """The learner's input carries the previous reward."""
+    gamma: float = 0.9
+    """Discount of the predicted cumulants."""
+    lambda_: float = 0.9
+    """TD(lambda) trace decay."""
+    step_size: float = 0.003
+    """Step size of the learner's parameters (the heads use ``td_options`` or the engine's
+    default, ``step_size / number of head features``)."""
+    learn: bool = True
+    """Train the learner online; False freezes it (evaluation)."""
+    seed: int | None = None
+    """Seed of the learner's initial parameters (None: nondeterministic)."""
+    nonfinite: str = "raise"
+    """On a NaN/inf input: ``"raise"`` a ``NonFiniteInputError``, or ``"skip"`` learning on
+    that step and report it in ``info["agent_state_nonfinite"]``."""
+    encoder: Encoder | None = None
+    """Feature encoder for observations (required for images): observation -> 1-D array."""
+    td_options: Mapping[str, Any] = field(default_factory=dict)
+    """Other ``agentstate.td.TDConfig`` fields (``optimizer``, ``head_step_size``, ...)."""
+    learner_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the learner's config (``n_features``, ``init_scale``, ...)."""
+
+    def __post_init__(self) -> None:
+        if not (callable(self.cumulants) or self.cumulants in CUMULANT_NAMES):
+            raise ValueError(
+                f"cumulants must be one of {', '.join(map(repr, CUMULANT_NAMES))} or a "
+                f"callable (observation, reward, info) -> array, got {self.cumulants!r}"
+            )
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        if self.encoder is not None and not callable(self.encoder):
+            raise TypeError(f"encoder must be callable, got {type(self.encoder).__name__}")
+        if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        reserved = {"streams", "independent_params", "input_size"} & set(self.learner_kwargs)
+        if reserved:
+            raise TypeError(
+                f"{', '.join(sorted(reserved))} are set by the wrapper (one learner, one "
+                "stream per env, shared parameters); do not pass them"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that shape the learner, as plain data (for saved states)."""
+        return {
+            "learner": self.learner,
+            "cumulants": self.cumulants if isinstance(self.cumulants, str) else "callable",
+            "include_prev_action": self.include_prev_action,
+            "include_prev_reward": self.include_prev_reward,
+            "learner_kwargs": dict(self.learner_kwargs),
+        }
+
+
+def settings_from_options(learner: str, options: Mapping[str, Any]) -> AgentStateSettings:
+    """Split keyword ``options`` into settings fields and the learner's own keywords.
+
+    Example:
+        >>> settings = settings_from_options("columnar", {"gamma": 0.8, "n_features": 16})
+        >>> settings.gamma, dict(settings.learner_kwargs)
+        (0.8, {'n_features': 16})
+    """
+    names = {f.name for f in dataclasses.fields(AgentStateSettings)} - {"learner_kwargs"}
+    chosen = {key: value for key, value in options.items() if key in names}
+    learner_kwargs = {key: value for key, value in options.items() if key not in names}
+    return AgentStateSettings(learner=learner, learner_kwargs=learner_kwargs, **chosen)

@@ -1,0 +1,174 @@
+"""Sweeps: spec expansion, a tiny sweep on the process pool and on Ray, resumption, skipping."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from agentstate.experiment import CHECKPOINT_NAME, run_experiment
+from agentstate.sweep import DONE_NAME, expand_spec, load_spec, run_sweep
+
+TINY_SPEC = """
+[sweep]
+seeds = 2
+checkpoint_every = 300
+
+[run]
+env = "trace-conditioning"
+steps = 700
+log_every = 100
+msre_window = 200
+optimizer = "adam"
+
+[grid]
+step_size = [0.001, 0.01]
+
+[grid.learner_kwargs]
+n_features = [2]
+"""
+EXAMPLES = Path(__file__).parents[1] / "examples" / "sweeps"
+TINY_RUNS = ["step_size=0.001,n_features=2", "step_size=0.01,n_features=2"]
+
+
+class Crash(Exception):
+    pass
+
+
+def write_spec(tmp_path, text):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_expands_into_named_runs_with_seeds_as_streams(tmp_path):
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            """
+[sweep]
+seeds = 3
+[run]
+env = "trace-patterning"
+learner_kwargs = {n_features = 4}
+[[grid]]
+learner = ["columnar"]
+step_size = [0.1, 0.01]
+[[grid]]
+learner = ["tbptt"]
+[grid.learner_kwargs]
+truncation = [2, 8]
+""",
+        )
+    )
+    runs = expand_spec(spec)
+    assert [run.name for run in runs] == [
+        "learner=columnar,step_size=0.1",
+        "learner=columnar,step_size=0.01",
+        "learner=tbptt,truncation=2",
+        "learner=tbptt,truncation=8",
+    ]
+    assert all(run.config.streams == 3 and run.config.independent for run in runs)
+    assert runs[3].config.learner_kwargs == {"n_features": 4, "truncation": 8}
+    assert runs[1].config.step_size == 0.01 and runs[3].config.step_size == 0.01  # default
+
+
+def test_shared_parameter_runs_get_one_run_per_seed(tmp_path):
+    text = '[sweep]\nseeds = 2\n[run]\nenv = "trace-patterning"\nindependent = false\nseed = 7\n'
+    text += "streams = 4\n[grid]\nlambda_ = [0.9]\n"
+    runs = expand_spec(load_spec(write_spec(tmp_path, text)))
+    assert [(run.name, run.config.seed, run.config.streams) for run in runs] == [
+        ("lambda_=0.9,seed=7", 7, 4),
+        ("lambda_=0.9,seed=8", 8, 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[run]\nenv = "x"\nstep = 3\n', "unknown run options ['step']"),
+        ('[run]\nenv = "x"\n[grid]\nstep_size = 0.1\n', "grid entry step_size must be a non"),
+        ("[sweep]\nworkers = 2\n", "unknown [sweep] options ['workers']"),
+        ('[run]\nenv = "x"\nstreams = 4\n', "the seeds are the streams"),
+    ],
+)
+def test_bad_specs_are_refused_with_a_clear_message(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        expand_spec(load_spec(write_spec(tmp_path, text)))
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """The tiny sweep on the process pool, one run interrupted beforehand (a crash)."""
+    root = tmp_path_factory.mktemp("local")
+    spec_path = write_spec(root, TINY_SPEC)
+    first = expand_spec(load_spec(spec_path))[0]
+
+    def crash(step, _msre):
+        if step >= 400:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_experiment(
+            first.config,
+            root / "out" / first.name,
+            progress=False,
+            on_log=crash,
+            checkpoint_every=first.checkpoint_every,
+        )
+    assert (root / "out" / first.name / CHECKPOINT_NAME).exists()
+    report = run_sweep(spec_path, root / "out", workers=2, progress=False, log=print)
+    return spec_path, root / "out", report
+
+
+def test_local_sweep_runs_every_point_and_resumes_the_crashed_one(local_sweep):
+    _, out, report = local_sweep
+    assert not report.failed and not report.skipped
+    assert sorted(outcome.name for outcome in report.finished) == TINY_RUNS
+    first_steps = {outcome.name: outcome.first_step for outcome in report.finished}
+    assert first_steps == {TINY_RUNS[0]: 300, TINY_RUNS[1]: 0}
+    for name in TINY_RUNS:
+        marker = json.loads((out / name / DONE_NAME).read_text())
+        assert marker["run"]["streams"] == 2 and len(marker["final_msre"]) == 2
+        assert not (out / name / CHECKPOINT_NAME).exists()
+
+
+def test_rerunning_a_finished_sweep_does_no_work(local_sweep, capsys):
+    spec_path, out, _ = local_sweep
+    files = sorted(path for path in out.rglob("*") if path.is_file())
+    modified = [path.stat().st_mtime_ns for path in files]
+    report = run_sweep(spec_path, out, workers=2, progress=False, log=print)
+    assert report.finished == [] and sorted(report.skipped) == TINY_RUNS
+    assert "2 of 2 runs already finished" in capsys.readouterr().out
+    assert sorted(path for path in out.rglob("*") if path.is_file()) == files
+    assert [path.stat().st_mtime_ns for path in files] == modified
+
+
+def test_changed_spec_over_finished_runs_is_refused(local_sweep, tmp_path):
+    _, out, _ = local_sweep
+    changed = write_spec(tmp_path, TINY_SPEC.replace("steps = 700", "steps = 800"))
+    with pytest.raises(ValueError, match="holds a finished run of another config.*steps is 700"):
+        run_sweep(changed, out, progress=False)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="ray is not installed: pip install 'agentstate[ray]' to test the Ray backend",
+)
+def test_ray_sweep_gives_the_local_results(local_sweep, tmp_path):
+    spec_path, local_out, _ = local_sweep
+    report = run_sweep(spec_path, tmp_path, backend="ray", workers=2, progress=False, log=print)
+    assert not report.failed and sorted(o.name for o in report.finished) == TINY_RUNS
+    for name in TINY_RUNS:
+        assert (tmp_path / name / "metrics.csv").read_bytes() == (
+            local_out / name / "metrics.csv"
+        ).read_bytes()
+        ray_marker = json.loads((tmp_path / name / DONE_NAME).read_text())
+        local_marker = json.loads((local_out / name / DONE_NAME).read_text())
+        assert ray_marker["final_msre"] == local_marker["final_msre"]
+
+
+def test_example_specs_expand():
+    for spec_path in sorted(EXAMPLES.glob("*.toml")):
+        runs = expand_spec(load_spec(spec_path))
+        assert runs and len({run.name for run in runs}) == len(runs), spec_path
