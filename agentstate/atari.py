@@ -331,7 +331,7 @@ def run_prediction_streams(
     dtype = getattr(torch, config.dtype)
     learner = make_learner(
         config.learner,
-        int(envs.single_observation_space.shape[0]),
+        gym.spaces.flatdim(envs.single_observation_space),
         streams=streams,
         independent_params=True,
         dtype=dtype,

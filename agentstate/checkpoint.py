@@ -44,7 +44,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     The bytes go to a temporary file in the same folder, which is flushed and fsynced, then
     renamed over ``path`` (``os.replace`` is atomic within a file system); the folder is
     fsynced so that the rename itself survives a power loss. A kill during the write can
-    leave a ``.<name>.*.tmp`` file behind, which nothing reads.
+    leave a ``.<name>.*.tmp`` file behind, which nothing reads (``remove_checkpoint``
+    deletes those of a checkpoint).
 
     Args:
         path: the file to write; its folder must exist.
@@ -52,7 +53,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """
     target = Path(path)
     descriptor, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp"
     )
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -69,6 +70,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint and any temporary file a killed write of it left behind."""
+    target = Path(path)
+    target.unlink(missing_ok=True)
+    for leftover in target.parent.glob(f"{_temporary_prefix(target)}*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}."
 
 
 def save_checkpoint(

@@ -39,6 +39,7 @@ from agentstate.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     load_checkpoint,
+    remove_checkpoint,
     save_checkpoint,
 )
 from agentstate.metrics import EpisodeReturnScorer, SlidingMean, mean_and_standard_error
@@ -389,7 +390,7 @@ def run_experiment(
         ylabel=f"MSRE (sliding mean over {config.msre_window:,} steps)",
         reference_lines={"predict zero": np.stack([row[2] for row in log.rows]).mean(1)},
     )
-    checkpoint_path.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint_path)
     final_learner, final_zero = log.values()
     return RunResult(
         out, final_learner, final_zero, (config.steps - first_step) / elapsed, first_step

@@ -255,8 +255,8 @@ def c_declarations() -> str:
     lines = []
     for struct in (OptimizerArgs, TDArgs, ColumnArgs, WindowArgs):
         lines.append(f"struct {struct.__name__} {{")
-        for name, field_type in struct._fields_:
-            c_type = _C_TYPES.get(field_type, getattr(field_type, "__name__", ""))
+        for name, field_type, *_ in struct._fields_:
+            c_type = _C_TYPES.get(field_type, field_type.__name__)
             lines.append(f"  {c_type} {name};")
         lines.append("};")
     return "#include <cstdint>\n" + "\n".join(lines) + "\n"

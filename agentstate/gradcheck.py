@@ -439,8 +439,10 @@ class SweepCase:
 
 
 def paper_sweep(steps: int, units: int = 15) -> list[SweepCase]:
-    """The settings of 2103.05787's synthetic test-bed, on this package's learners.
+    """The comparisons of 2103.05787's synthetic test-bed, on this package's learners.
 
+    The paper's own network sizes and input process are not reproduced; what is: one random
+    input stream, fixed random networks, and each rule's gradient against the true one.
     Exact rules (columnar, CCN within its stages, eLSTM, full RTRL, SnAp-1 without
     connections, T-BPTT with ``k >= T``), SnAp-1 as the connection density grows, T-BPTT with
     short windows, and UORO as independent draws whose stream mean is also drawn.

@@ -107,20 +107,19 @@ class OneHotEncoder(SpaceEncoder):
             for value in range(n)
         ]
         size = len(names)
+        self._identity = np.eye(size)
         super().__init__(np.zeros(size), np.ones(size), names)
 
     def encode(self, batch: Any, streams: int) -> np.ndarray:
         """See ``SpaceEncoder.encode``; a value outside the space raises ``ValueError``."""
-        values = np.asarray(batch).reshape(streams, len(self.n_values)) - self.start
-        if values.size and ((values < 0) | (values >= self.n_values)).any():
+        values = np.asarray(batch, dtype=np.int64).reshape(streams, len(self.n_values))
+        values = values - self.start
+        if values.size and (values.min() < 0 or (values >= self.n_values).any()):
             raise ValueError(
                 f"value {np.asarray(batch).tolist()} lies outside the space "
                 f"(start {self.start.tolist()}, sizes {self.n_values.tolist()})"
             )
-        encoded = np.zeros((streams, self.size))
-        rows = np.repeat(np.arange(streams), len(self.n_values))
-        encoded[rows, (values + self.offsets).ravel()] = 1.0
-        return encoded
+        return self._identity[values + self.offsets].sum(axis=1)
 
 
 class CompositeEncoder(SpaceEncoder):
@@ -246,9 +245,9 @@ def make_space_encoder(space: spaces.Space, name: str) -> SpaceEncoder:
     Raises:
         TypeError: for any other space (Text, Graph, Sequence, ...).
     """
-    if isinstance(space, (spaces.Box, spaces.MultiBinary)):
-        if isinstance(space, spaces.MultiBinary):
-            space = spaces.Box(0, 1, np.asarray(space.shape), np.int8)
+    if isinstance(space, spaces.MultiBinary):
+        return BoxEncoder(spaces.Box(0, 1, space.shape, dtype=np.int8), name)
+    if isinstance(space, spaces.Box):
         return BoxEncoder(space, name)
     if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete)):
         return OneHotEncoder(space, name)

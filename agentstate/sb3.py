@@ -98,14 +98,14 @@ class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
             ]
         )
         final_observations: dict[int, Any] = {}
-        for stream in np.flatnonzero(dones):
-            if "terminal_observation" not in infos[stream]:
+        for index in np.flatnonzero(dones):
+            if "terminal_observation" not in infos[index]:
                 raise KeyError(
-                    f"env {stream} ended its episode without infos[{stream}]"
+                    f"env {index} ended its episode without infos[{index}]"
                     "['terminal_observation']; AgentStateVecEnv needs SB3's auto-reset "
                     "contract (DummyVecEnv, SubprocVecEnv)"
                 )
-            final_observations[int(stream)] = infos[stream]["terminal_observation"]
+            final_observations[int(index)] = infos[index]["terminal_observation"]
         result = self.core.step(
             StepBatch(
                 observations=observations,

@@ -139,13 +139,12 @@ class TDPredictor:
             return None
         reason = fused.unsupported_reason(self)
         library = fused.load_library() if reason is None else None
-        if reason is None and library is None:
-            reason = "the kernel could not be built (see the warning above)"
-        if reason is not None:
-            if self.config.backend == "fused":
-                raise ValueError(f"backend='fused' cannot run this predictor: {reason}")
-            return None
-        return fused.FusedTDStep(self, library)
+        if library is not None:
+            return fused.FusedTDStep(self, library)
+        if self.config.backend == "fused":
+            reason = reason or "the kernel could not be built (see the warning above)"
+            raise ValueError(f"backend='fused' cannot run this predictor: {reason}")
+        return None
 
     @property
     def backend(self) -> str:
@@ -350,7 +349,7 @@ class TDPredictor:
                 f"{label} has dtype {tensor.dtype}; the learner uses {self.learner.dtype}: "
                 f"convert with .to({self.learner.dtype})"
             )
-        if tensor.device != self.learner.device:
+        if tensor.device.type != self.learner.device.type:
             raise ValueError(
                 f"{label} is on {tensor.device} but the learner is on {self.learner.device}; "
                 f"move it with .to('{self.learner.device}')"

@@ -21,10 +21,11 @@ learner's step size by area under its MSRE curve; the main runs use it for ``--s
 
 Outputs in ``--out`` (default ``benchmarks/results/paper_comparison``): ``runs/<run>/`` (each
 run's ``metrics.csv``, ``config.json``), ``msre_table.md`` and ``results.json`` (final and
-area-under-curve MSRE, mean ± standard error over seeds, predict-zero, the paper's reference
-points, compute matching), ``msre_curves.png``.
+area-under-curve MSRE, mean ± standard error over seeds, final MSRE / predict-zero paired per
+seed, the paper's reference points, compute matching), ``msre_curves.png`` (MSRE) and
+``msre_ratio_curves.png`` (MSRE / predict-zero per seed).
 
-Run: ``python benchmarks/paper_comparison.py [--steps 100000] [--seeds 8]``.
+Run: ``python benchmarks/paper_comparison.py [--steps 300000] [--seeds 8] [--pilot-steps 20000]``.
 """
 
 from __future__ import annotations
@@ -133,17 +134,19 @@ def contenders(steps: int, uoro_units: int) -> list[Contender]:
 
 def measured_us_per_stream_step(contender: Contender, streams: int = 256) -> float:
     """Median µs per stream-step of ``step`` + ``grad`` over 3 repeats (float32, last stage)."""
+    kwargs = dict(contender.learner_kwargs)
+    if "steps_per_stage" in kwargs:
+        kwargs["steps_per_stage"] = 10**9  # stages are entered by hand below
     learner = agentstate.make_learner(
         contender.learner,
         OBSERVATION_SIZE,
         streams=streams,
         independent_params=True,
         seed=0,
-        **{**contender.learner_kwargs, "steps_per_stage": 10**9}
-        if contender.learner == "ccn"
-        else contender.learner_kwargs,
+        **kwargs,
     )
-    while getattr(learner, "advance_stage", lambda: False)():
+    advance_stage = getattr(learner, "advance_stage", None)
+    while advance_stage is not None and advance_stage():
         pass  # time the largest network a constructive learner reaches
     x = torch.rand(streams, OBSERVATION_SIZE)
     v = torch.ones(streams, learner.n_features)
@@ -177,8 +180,8 @@ def read_curves(metrics_csv: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return steps, msre, zero
 
 
-def predict_zero_per_seed(steps: int, seeds: int, window: int) -> np.ndarray:
-    """Final sliding MSRE of predicting 0, per seed: ``[seeds]``.
+def predict_zero_curves(steps: int, seeds: int, window: int, log_steps: np.ndarray) -> np.ndarray:
+    """Sliding MSRE of predicting 0 per seed at every log point: ``[log points, seeds]``.
 
     ``metrics.csv`` keeps only its mean over streams; every run sees the same env streams
     (same seed, and the env does not depend on the learner), so they are replayed here.
@@ -187,8 +190,12 @@ def predict_zero_per_seed(steps: int, seeds: int, window: int) -> np.ndarray:
     _, info = env.reset(seed=0)
     trace_env: Any = env.unwrapped
     _, _, later_targets = trace_env.rollout(steps - 1)
+    env.close()
     targets = np.concatenate([np.asarray(info["return_target"])[None], later_targets])
-    return (targets[-window:] ** 2).mean(0)
+    cumulative = np.concatenate([np.zeros((1, seeds)), np.cumsum(targets**2, axis=0)])
+    window_start = np.maximum(log_steps - window, 0)
+    counts = (log_steps - window_start)[:, None]
+    return (cumulative[log_steps] - cumulative[window_start]) / counts
 
 
 def summarise(msre: np.ndarray, zero: np.ndarray, zero_per_seed: np.ndarray) -> dict[str, float]:
@@ -197,7 +204,7 @@ def summarise(msre: np.ndarray, zero: np.ndarray, zero_per_seed: np.ndarray) -> 
     Args:
         msre: ``[log points, seeds]`` sliding MSRE.
         zero: ``[log points]`` sliding MSRE of predicting 0 (mean over seeds).
-        zero_per_seed: ``[seeds]`` final sliding MSRE of predicting 0 per seed; the ratio
+        zero_per_seed: ``[log points, seeds]`` the same per seed; the ratio
             ``final / predict-zero`` is paired per seed, so the trial-to-trial variation of
             the env (most of the s.e. of the final MSRE) cancels.
 
@@ -205,14 +212,14 @@ def summarise(msre: np.ndarray, zero: np.ndarray, zero_per_seed: np.ndarray) -> 
         ``final``, ``auc`` (mean over log points), ``final_ratio`` with their ``*_se``, and
         predict-zero's ``final_zero`` and ``auc_zero``.
     """
-    if not np.isclose(zero_per_seed.mean(), zero[-1], rtol=1e-6):
+    if not np.allclose(zero_per_seed.mean(1), zero, rtol=1e-6):
         raise RuntimeError(
-            f"replayed predict-zero MSRE {zero_per_seed.mean():.8g} differs from the run's "
-            f"{zero[-1]:.8g}: the env no longer replays identically"
+            "the replayed predict-zero MSRE differs from the run's: the env no longer "
+            "replays identically"
         )
     final_mean, final_se = mean_and_standard_error(msre[-1:])
     auc_mean, auc_se = mean_and_standard_error(msre.mean(0, keepdims=True))
-    ratio_mean, ratio_se = mean_and_standard_error((msre[-1] / zero_per_seed)[None])
+    ratio_mean, ratio_se = mean_and_standard_error((msre[-1] / zero_per_seed[-1])[None])
     return {
         "final": float(final_mean[0]),
         "final_se": float(final_se[0]),
@@ -249,7 +256,8 @@ def run(
     elapsed = time.perf_counter() - started
     (folder / "learning_curve.png").unlink(missing_ok=True)  # the comparison plot has them all
     log_steps, msre, zero = read_curves(folder / "metrics.csv")
-    summary = summarise(msre, zero, predict_zero_per_seed(steps, seeds, window))
+    zero_per_seed = predict_zero_curves(steps, seeds, window, log_steps)
+    summary = summarise(msre, zero, zero_per_seed)
     print(
         f"  {phase:5s} {contender.label:18s} lr {step_size:<6g} final {summary['final']:.5f} "
         f"± {summary['final_se']:.5f} ({summary['final_ratio']:.3f} of zero)  "
@@ -264,6 +272,7 @@ def run(
         "steps": log_steps,
         "msre": msre,
         "zero": zero,
+        "ratio": msre / zero_per_seed,
         "summary": summary,
         "seconds": elapsed,
         "folder": str(folder),
@@ -306,11 +315,11 @@ def markdown_table(
 def main() -> None:
     """Pilot the step sizes, run the comparison, write the table, JSON and plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100_000, help="steps of each main run")
+    parser.add_argument("--steps", type=int, default=300_000, help="steps of each main run")
     parser.add_argument("--seeds", type=int, default=8, help="independent networks (streams)")
-    parser.add_argument("--step-sizes", type=float, nargs="+", default=[0.003, 0.01, 0.03])
+    parser.add_argument("--step-sizes", type=float, nargs="+", default=[0.001, 0.003, 0.01])
     parser.add_argument(
-        "--pilot-steps", type=int, default=15_000, help="steps of each pilot run (0: no pilot)"
+        "--pilot-steps", type=int, default=20_000, help="steps of each pilot run (0: no pilot)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default="benchmarks/results/paper_comparison")
@@ -368,6 +377,14 @@ def main() -> None:
         ylabel=f"MSRE (sliding mean over {min(10_000, args.steps // 5):,} steps)",
         reference_lines={"predict zero": results[0]["zero"]},
     )
+    plot_learning_curve(
+        steps,
+        {f"{result['label']} (lr {result['step_size']:g})": result["ratio"] for result in results},
+        out / "msre_ratio_curves.png",
+        title="Trace patterning: MSRE / MSRE of predicting 0, paired per seed",
+        ylabel="MSRE / predict-zero MSRE (same sliding window, same seed)",
+        reference_lines={"predict zero": 1.0},
+    )
     total = time.perf_counter() - started
     (out / "results.json").write_text(
         json.dumps(
@@ -404,7 +421,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {out}/msre_table.md, results.json, msre_curves.png in {total:.0f} s")
+    print(f"wrote {out}/msre_table.md, results.json and two plots in {total:.0f} s")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .atari_preprocessing import (
+    N_ALE_ACTIONS,
     SCREEN_SHAPE,
     PredictionObservation,
     clip_reward,
@@ -87,7 +88,7 @@ def read_action_file(path: str | os.PathLike[str]) -> bytes:
         raise ValueError(f"{path}: an expert action file starts with 'R' (reset the game)")
     codes = np.frombuffer(actions, dtype=np.uint8)
     valid = (codes == RESET_BYTE) | (
-        (codes >= FIRST_ACTION_BYTE) & (codes < FIRST_ACTION_BYTE + len(ale_py.Action))
+        (codes >= FIRST_ACTION_BYTE) & (codes < FIRST_ACTION_BYTE + N_ALE_ACTIONS)
     )
     if not valid.all():
         position = int(np.flatnonzero(~valid)[0])
@@ -131,7 +132,10 @@ class ExpertReplay:
         self.game = game
         self.actions = actions
         self.replay_pass = 0
-        self._rom = ale_py.roms.get_rom_path(rom_id(game))
+        rom = ale_py.roms.get_rom_path(rom_id(game))
+        if rom is None:
+            raise ValueError(f"ale-py has no ROM {rom_id(game)!r} for Atari game {game!r}")
+        self._rom = rom
         self._new_emulator()
 
     def _new_emulator(self) -> None:
@@ -236,9 +240,10 @@ class LivePolicy:
             )
         self.policy = as_policy(policy)
         self.env = env
-        self.ale = env.unwrapped.ale
+        atari_env: Any = env.unwrapped
+        self.ale = atari_env.ale
         self._full_actions = [
-            ale_py.Action[name].value for name in env.unwrapped.get_action_meanings()
+            getattr(ale_py.Action, name).value for name in atari_env.get_action_meanings()
         ]
         self._policy_observation: Any = None
 

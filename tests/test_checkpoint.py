@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from agentstate.checkpoint import MAGIC, CheckpointError, atomic_write_bytes, save_checkpoint
+from agentstate.checkpoint import (
+    MAGIC,
+    CheckpointError,
+    atomic_write_bytes,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from agentstate.cli import main
 from agentstate.experiment import CHECKPOINT_NAME, RunConfig, run_experiment, run_identity
 
@@ -203,8 +209,11 @@ def test_checkpoints_need_an_env_that_saves_its_state(tmp_path, capsys):
 
 
 def test_atomic_write_replaces_whole_files_only(tmp_path):
-    target = tmp_path / "file"
+    target = tmp_path / CHECKPOINT_NAME
     atomic_write_bytes(target, b"old")
     atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"new content"
-    assert [path.name for path in tmp_path.iterdir()] == ["file"]
+    assert [path.name for path in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+    (tmp_path / f".{CHECKPOINT_NAME}.x1y2.tmp").write_bytes(b"left by a kill mid-write")
+    remove_checkpoint(target)
+    assert list(tmp_path.iterdir()) == []

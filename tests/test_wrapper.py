@@ -56,23 +56,27 @@ class SpaceEnv(gym.Env):
 
 
 class EndRewardEnv(gym.Env):
-    """Reward 1 only on the last of ``length`` steps; the observation is the step one-hot."""
+    """Reward 1 only on the last of ``length`` steps; the observation is the step one-hot.
 
-    def __init__(self, length=3, reward_every_step=False):
+    ``reward_every_step``: reward 1 on every step; ``observe_step=False``: observation 0.
+    """
+
+    def __init__(self, length=3, reward_every_step=False, observe_step=True):
         self.observation_space = spaces.Discrete(length + 1)
         self.action_space = spaces.Discrete(1)
         self.length, self.reward_every_step, self.t = length, reward_every_step, 0
+        self.observe_step = observe_step
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t = 0
-        return self.t, {}
+        return 0, {}
 
     def step(self, action):
         self.t += 1
         last = self.t == self.length
         reward = 1.0 if (last or self.reward_every_step) else 0.0
-        return self.t, reward, last, False, {}
+        return self.t if self.observe_step else 0, reward, last, False, {}
 
 
 DICT_SPACE = spaces.Dict(
@@ -241,16 +245,19 @@ def test_unsupported_spaces_and_options_fail_clearly():
 
 
 @pytest.mark.parametrize("learner", ["columnar", "elstm", "ccn"])
-def test_gymnasium_check_env_passes(learner):
+def test_gymnasium_check_env_passes_on_a_frozen_wrapper(learner):
+    """Frozen, a seeded reset gives exactly the same observation; learning, it cannot.
+
+    check_env resets twice with one seed and expects equal observations. A learning wrapper
+    changes its learner at every step, so its observations differ (by design).
+    """
     options = {"columns_per_stage": 3} if learner == "ccn" else {}
-    for learn in (True, False):
-        env = wrap(SpaceEnv(DICT_SPACE), learner=learner, learn=learn, **options)
+    for env in (SpaceEnv(DICT_SPACE), gym.make("CartPole-v1")):
+        env = wrap(env, learner=learner, learn=False, **options)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_env(env, skip_render_check=True)
-        messages = " ".join(str(warning.message) for warning in caught)
-        if not learn:  # frozen, the same seed gives exactly the same observations
-            assert "although similar" not in messages
+        assert "although similar" not in " ".join(str(warning.message) for warning in caught)
 
 
 # ------------------------------------------------------------------ learner input, cumulants
@@ -344,6 +351,37 @@ def test_terminal_rewards_are_learned(cumulant_kind):
     assert last_prediction == pytest.approx(1.0, abs=0.15)
 
 
+def test_terminal_predictions_without_stepping_equal_the_engine_predictions():
+    """Auto-reset bootstraps from y_T computed without a step; it must be the engine's y_T."""
+    env = wrap(
+        gym.make("CartPole-v1"),
+        cumulants="reward+observation",
+        td_options={"include_observation": True},
+    )
+    rollout(env, 40)
+    core = env.core
+    x = torch.randn(1, len(core.input_names))
+    expected = core._head_predictions(core._forward(x)[1], x)
+    actual = env.predictor.step(x, torch.zeros(1, core.cumulants.size))
+    torch.testing.assert_close(expected, actual)
+
+
+@pytest.mark.parametrize("learner", ["columnar", "tbptt"])
+def test_the_agent_state_is_the_same_with_the_fused_and_the_eager_engine(learner):
+    """The state is read from the fused kernel's carry, or computed beside the eager step."""
+    fused = wrap(gym.make("CartPole-v1"), learner=learner, cumulants="reward+observation")
+    eager = wrap(
+        gym.make("CartPole-v1"),
+        learner=learner,
+        cumulants="reward+observation",
+        td_options={"backend": "eager"},
+    )
+    assert eager.predictor.backend == "eager"
+    if fused.predictor.backend != "fused":
+        pytest.skip("the fused kernel is not available here (no C++ compiler)")
+    np.testing.assert_allclose(rollout(fused, 60)[0], rollout(eager, 60)[0], atol=1e-5)
+
+
 # ------------------------------------------------------------------ vector envs
 def make_vector(n_envs, mode, env_fn=lambda: gym.make("CartPole-v1")):
     return gym.vector.SyncVectorEnv([env_fn] * n_envs, autoreset_mode=mode)
@@ -408,7 +446,9 @@ def test_nonfinite_observation_raises_naming_step_and_component_and_learner_is_u
 
 
 def test_nonfinite_skip_reports_in_info_and_keeps_the_step_out_of_learning():
-    env = wrap(SpaceEnv(nan_at=2), nonfinite="skip", step_size=0.1)
+    # rmsprop_td: a zero update leaves the parameters exactly where they are (Adam's
+    # momentum would still move them, though no gradient from the skipped step enters).
+    env = wrap(SpaceEnv(nan_at=2), nonfinite="skip", td_options={"optimizer": "rmsprop_td"})
     env.reset(seed=0)
     env.step(1)
     weight = env.predictor.learner.params["weight"].clone()

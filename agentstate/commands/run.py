@@ -83,7 +83,8 @@ def add_parser(verbs: Any) -> None:
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt if there is one (same settings required)",
+        help="continue from OUT/checkpoint.pt if there is one (same settings required); "
+        "without one the run starts from step 0",
     )
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")

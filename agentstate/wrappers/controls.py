@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from agentstate.td import TDPredictor
 from agentstate.wrappers.core import AgentStateCore
@@ -57,12 +56,12 @@ class AgentStateControls:
     @property
     def agent_states(self) -> np.ndarray:
         """``[streams, n_features]`` agent states at the last observations."""
-        return self.core.state.to(torch.float32).numpy().copy()
+        return self.core.state.copy()
 
     @property
     def predictions(self) -> np.ndarray:
         """``[streams, n_cumulants]`` head predictions at the last observations."""
-        return self.core.predictions.detach().to(torch.float64).numpy().copy()
+        return self.core.predictions.copy()
 
     def state_dict(self) -> dict[str, Any]:
         """Learner, heads, normalisers, traces, optimiser and step counters."""

@@ -17,6 +17,13 @@ Episode ends, per stream:
   computed without advancing (``functional_step``), the learner's state is reset, and the
   reset observation is stepped with discount 0 and cumulant ``c_T + gamma y_T`` (truncated)
   or ``c_T`` (terminated). The TD error is then exactly ``c_T + gamma_T y_T - y_T-1``.
+
+Bad numbers: a NaN/inf input is found before anything changes and raises
+``NonFiniteInputError`` naming the step, stream and component; with ``nonfinite="skip"``
+the component is replaced by the input normaliser's running mean and the stream's TD error
+for the step is forced to 0 (cumulant ``y_t-1``, discount 0). The agent state and the
+predictions are checked every step; leaving [-1, 1] (LSTM-family learners) or turning
+non-finite raises ``LearnerDivergedError`` before anything reaches the policy.
 """
 
 from __future__ import annotations
@@ -184,19 +191,15 @@ class AgentStateCore:
             seed=settings.seed,
             **settings.learner_kwargs,
         )
-        config = TDConfig(
-            gamma=settings.gamma,
-            lambda_=settings.lambda_,
-            step_size=settings.step_size,
-            **settings.td_options,
-        )
+        config = TDConfig(**settings.td_config_options())
         self.engine = TDPredictor(self.learner, self.cumulants.size, config)
         bounded = settings.learner in BOUNDED_STATE_LEARNERS
         self._state_limit = 1.0 if bounded else FLOAT32_MAX
+        self._numpy_dtype = np.float32 if self.learner.dtype == torch.float32 else np.float64
         self.observation_space = self._augmented_space(np.inf if not bounded else 1.0)
         self.learning = settings.learn
-        self.state = torch.zeros(streams, self.learner.n_features)
-        self.predictions = torch.zeros(streams, self.cumulants.size)
+        self.state = np.zeros((streams, self.learner.n_features), dtype=np.float32)
+        self.predictions = np.zeros((streams, self.cumulants.size))
         self.total_steps = 0
         self.episode_steps = np.zeros(streams, dtype=np.int64)
         self._divergence: str | None = None
@@ -262,23 +265,17 @@ class AgentStateCore:
             current.impute(mean, self.observation_encoder)
             final.impute(mean, self.observation_encoder)
 
-        dtype = self.learner.dtype
-        x = torch.from_numpy(current.learner_input).to(dtype)
-        cumulant = torch.from_numpy(current.cumulant).to(dtype)
-        discount = None
-        if terminated.any() or ended or nonfinite:
-            discount = np.where(terminated, 0.0, gamma)
-        final_states: Tensor | None = None
+        x = self._tensor(current.learner_input)
+        cumulant = self._tensor(current.cumulant)
+        discount = np.where(terminated, 0.0, gamma)
+        uniform_discount = not (terminated.any() or ended or nonfinite)
+        final_states: np.ndarray | None = None
         if ended:
-            final_states, final_predictions = self._peek(
-                ended, torch.from_numpy(final.learner_input).to(dtype)
-            )
+            final_states, final_predictions = self._peek(ended, self._tensor(final.learner_input))
             self._check(final_states, final_predictions, "terminal observation")
             truncated = np.asarray(batch.truncated, dtype=bool).reshape(streams)[ended]
-            bootstrap = torch.from_numpy(truncated * gamma).to(dtype).unsqueeze(1)
-            cumulant[ended] = (
-                torch.from_numpy(final.cumulant).to(dtype) + bootstrap * final_predictions
-            )
+            bootstrap = self._tensor(truncated * gamma).unsqueeze(1)
+            cumulant[ended] = self._tensor(final.cumulant) + bootstrap * final_predictions
             discount[ended] = 0.0
         if nonfinite:
             # delta = c + 0 * y_t - y_t-1 = 0: the skipped step teaches nothing.
@@ -292,7 +289,7 @@ class AgentStateCore:
             mask[ended] = True
             self.learner.reset(mask)
 
-        discount_tensor = None if discount is None else torch.from_numpy(discount).to(dtype)
+        discount_tensor = None if uniform_discount else self._tensor(discount)
         state, predictions = self._advance(x, cumulant, discount_tensor, episode_start)
         self._check(state, predictions, "observation")
         self.state, self.predictions = state, predictions
@@ -301,10 +298,9 @@ class AgentStateCore:
 
         finals = {}
         if final_states is not None:
-            augmented_finals = self._augment(final.encoded, final_states.to(torch.float32).numpy())
-            finals = dict(zip(ended, augmented_finals, strict=True))
+            finals = dict(zip(ended, self._augment(final.encoded, final_states), strict=True))
         return StepResult(
-            observations=self._augment(current.encoded, state.to(torch.float32).numpy()),
+            observations=self._augment(current.encoded, state),
             final_observations=finals,
             nonfinite=nonfinite,
         )
@@ -373,28 +369,36 @@ class AgentStateCore:
         return np.concatenate([encoded.astype(np.float32), state], axis=1)
 
     # ---------------------------------------------------------------- engine access
+    def _tensor(self, array: np.ndarray) -> Tensor:
+        """A new tensor of the learner's dtype holding ``array``."""
+        return torch.from_numpy(np.array(array, dtype=self._numpy_dtype))
+
     def _advance(
-        self, x: Tensor, cumulant: Tensor, discount: Tensor, episode_start: np.ndarray
-    ) -> tuple[Tensor, Tensor]:
-        """One step of every stream: learning through the engine, or the frozen cell."""
-        start = torch.as_tensor(episode_start)
+        self, x: Tensor, cumulant: Tensor, discount: Tensor | None, episode_start: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One step of every stream: learning through the engine, or the frozen cell.
+
+        Returns:
+            ``(state [B, n_features] float32, predictions [B, K] float64)``, new arrays.
+        """
+        start = torch.from_numpy(episode_start) if episode_start.any() else None
         if self.learning:
             # TDPredictor.step returns predictions only. The fused kernel advances the carry
             # (h, c) of the learner's fused_layout() in place; for the eager engine, h_t is
             # the pure cell on the same (reset) carry, parameters and normalised input.
-            if start.any():
+            if start is not None:
                 self.engine.reset_streams(start)
             fused = self.engine.backend == "fused"
             state = None if fused else self._forward(x)[1]
             predictions = self.engine.step(x, cumulant, discount=discount)
             if state is None:
-                state = self.learner.fused_layout().carry[0].clone()  # type: ignore[attr-defined]
-            return state, predictions
-        if start.any():
-            self.learner.reset(start)
-        carry, state = self._forward(x)
-        self.learner.carry = carry
-        return state, self._head_predictions(state, x)
+                state = self.learner.fused_layout().carry[0]  # type: ignore[attr-defined]
+        else:
+            if start is not None:
+                self.learner.reset(start)
+            self.learner.carry, state = self._forward(x)
+            predictions = self._head_predictions(state, x)
+        return _to_numpy(state, np.float32), _to_numpy(predictions, np.float64)
 
     def _forward(self, x: Tensor) -> tuple[Any, Tensor]:
         """The learner's next carry and agent state for input ``x``, not advancing it."""
@@ -402,16 +406,17 @@ class AgentStateCore:
         with torch.no_grad():
             return self.learner.functional_step(self.learner.params, self.learner.carry, normalized)
 
-    def _peek(self, streams: list[int], final_input: Tensor) -> tuple[Tensor, Tensor]:
+    def _peek(self, streams: list[int], final_input: Tensor) -> tuple[np.ndarray, Tensor]:
         """Agent state and predictions of ``final_input`` for ``streams``, not advancing.
 
         Returns:
-            ``([len(streams), n_features], [len(streams), n_cumulants])``.
+            ``(state [len(streams), n_features] float32, predictions [len(streams), K])``.
         """
         x = torch.zeros(self.streams, final_input.shape[1], dtype=final_input.dtype)
         x[streams] = final_input
         _, state = self._forward(x)
-        return state[streams], self._head_predictions(state, x)[streams]
+        predictions = self._head_predictions(state, x)[streams]
+        return _to_numpy(state[streams], np.float32), predictions
 
     def _head_predictions(self, state: Tensor, x: Tensor) -> Tensor:
         """``W_k . [normalize(h), normalize(x) (if the heads see it), 1]``: ``[B, K]``.
@@ -463,23 +468,20 @@ class AgentStateCore:
             )
         return found
 
-    def _check(self, state: Tensor, predictions: Tensor, what: str) -> None:
+    def _check(self, state: np.ndarray, predictions: Any, what: str) -> None:
         """Detect a diverged learner before its output reaches the policy."""
-        if bool((state.abs() <= self._state_limit).all()) and bool(
-            torch.isfinite(predictions).all()
-        ):
+        state_ok = np.abs(state).max(initial=0.0) <= self._state_limit  # False for NaN
+        if state_ok and bool(np.isfinite(np.asarray(predictions)).all()):
             return
-        bad_state = ~(state.abs() <= self._state_limit).all(dim=1)
-        streams = (bad_state | ~torch.isfinite(predictions).all(dim=1)).nonzero()[:, 0].tolist()
         broken = [k for k, v in self.learner.params.items() if not bool(torch.isfinite(v).all())]
         if not bool(torch.isfinite(self.engine.head_weight).all()):
             broken.append("head weights")
         self._divergence = (
             f"the {self.settings.learner} learner diverged: its agent state or predictions for "
             f"the {what} at step {self.total_steps} are non-finite or outside "
-            f"[-{self._state_limit:g}, {self._state_limit:g}] (streams {streams}; non-finite "
-            f"parameters: {', '.join(broken) or 'none'}). Nothing was passed to the policy. "
-            f"Lower step_size (now {self.settings.step_size:g}) or load a saved good state"
+            f"[-{self._state_limit:g}, {self._state_limit:g}] (non-finite parameters: "
+            f"{', '.join(broken) or 'none'}). Nothing was passed to the policy. Lower "
+            f"step_size (now {self.settings.step_size:g}) or load a saved good state"
         )
         raise LearnerDivergedError(self._divergence)
 
@@ -507,8 +509,8 @@ class AgentStateCore:
             "engine": self.engine.state_dict(),
             "total_steps": self.total_steps,
             "episode_steps": self.episode_steps.tolist(),
-            "state": self.state.clone(),
-            "predictions": self.predictions.clone(),
+            "state": torch.from_numpy(self.state.copy()),
+            "predictions": torch.from_numpy(self.predictions.copy()),
         }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
@@ -539,8 +541,8 @@ class AgentStateCore:
             self.engine.load_state_dict(saved["engine"])
             self.total_steps = int(saved["total_steps"])
             self.episode_steps = np.asarray(saved["episode_steps"], dtype=np.int64)
-            self.state = saved["state"].clone()
-            self.predictions = saved["predictions"].clone()
+            self.state = saved["state"].numpy().copy()
+            self.predictions = saved["predictions"].numpy().copy()
         else:
             self.engine.load_state_dict(_shared_engine_state(saved["engine"], self.engine))
             self.total_steps = int(saved["total_steps"])
@@ -556,6 +558,11 @@ def _shared_engine_state(saved: Mapping[str, Any], engine: TDPredictor) -> dict[
     for key in ("params", "generator"):
         merged["learner"][key] = saved["learner"][key]
     return merged
+
+
+def _to_numpy(tensor: Tensor, dtype: type) -> np.ndarray:
+    """A new array (never a view of a tensor the engine updates in place)."""
+    return np.array(tensor.detach().numpy(), dtype=dtype)
 
 
 def _short(value: Any) -> str:

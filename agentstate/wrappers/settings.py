@@ -38,7 +38,7 @@ class AgentStateSettings:
     """Discount of the predicted cumulants."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
-    step_size: float = 0.003
+    step_size: float = 0.01
     """Step size of the learner's parameters (the heads use ``td_options`` or the engine's
     default, ``step_size / number of head features``)."""
     learn: bool = True
@@ -51,7 +51,10 @@ class AgentStateSettings:
     encoder: Encoder | None = None
     """Feature encoder for observations (required for images): observation -> 1-D array."""
     td_options: Mapping[str, Any] = field(default_factory=dict)
-    """Other ``agentstate.td.TDConfig`` fields (``optimizer``, ``head_step_size``, ...)."""
+    """Other ``agentstate.td.TDConfig`` fields (``head_step_size``, ...). The optimizer
+    defaults to ``"adam"``: on the cue-memory example the paper's ``"rmsprop_td"``, whose
+    second moment starts at 1, leaves the small early RTRL gradients unscaled and learns the
+    memory many times slower."""
     learner_kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments of the learner's config (``n_features``, ``init_scale``, ...)."""
 
@@ -73,6 +76,16 @@ class AgentStateSettings:
                 f"{', '.join(sorted(reserved))} are set by the wrapper (one learner, one "
                 "stream per env, shared parameters); do not pass them"
             )
+
+    def td_config_options(self) -> dict[str, Any]:
+        """Keyword arguments of the engine's ``TDConfig``."""
+        return {
+            "gamma": self.gamma,
+            "lambda_": self.lambda_,
+            "step_size": self.step_size,
+            "optimizer": "adam",
+            **self.td_options,
+        }
 
     def describe(self) -> dict[str, Any]:
         """The settings that shape the learner, as plain data (for saved states)."""

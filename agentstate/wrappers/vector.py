@@ -61,7 +61,7 @@ class AgentStateVectorWrapper(AgentStateControls, gym.vector.VectorWrapper):
         self._ended = np.zeros(env.num_envs, dtype=bool)
 
     def reset(
-        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset every sub-env and start a new episode on every stream."""
         observations, infos = self.env.reset(seed=seed, options=options)
