@@ -16,4 +16,4 @@ main:
 	agentstate run trace-patterning --learner columnar --streams 8 --independent --steps 200000 --optimizer adam --lr 0.003 --head-lr 0.003 --out runs/trace-patterning
 
 bench:
-	python benchmarks/bench_columnar.py --json benchmarks/columnar.json
+	agentstate bench --json benchmarks/bench.json
