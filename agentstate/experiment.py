@@ -479,6 +479,7 @@ def _run_episodic(
     cumulant = np.zeros(streams)
     discount = np.zeros(streams)  # the first observation starts an episode
     episode_start = np.ones(streams, dtype=bool)
+    ended = np.zeros(streams, dtype=bool)
     actions_random = np.random.default_rng(config.seed)
     env.action_space.seed(int(actions_random.integers(2**31)))
     for step in range(1, config.steps + 1):
@@ -495,10 +496,12 @@ def _run_episodic(
         ):
             log.learner_by_stream[episode.stream].update_many(episode.squared_errors["learner"])
             log.zero_by_stream[episode.stream].update_many(episode.squared_errors["zero"])
+        # Gymnasium vector envs autoreset on the step *after* an episode ends: the terminal
+        # observation arrives with the last reward (discount 0), the next one starts anew.
         observation, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+        episode_start = ended
         ended = np.logical_or(terminated, truncated)
         cumulant = np.asarray(reward, dtype=np.float64)
-        discount = np.where(ended, 0.0, gamma)
-        episode_start = ended
+        discount = np.where(ended | episode_start, 0.0, gamma)
         _advance_log(log, step, config, bar, on_log)
         bar.update(1)
