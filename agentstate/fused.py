@@ -15,6 +15,10 @@ carry, sensitivities or window, traces, heads, normaliser statistics, optimiser 
 Learners opt in with a ``fused_layout()`` method returning a ``ColumnStages`` (columnar, CCN)
 or a ``DenseWindow`` (T-BPTT) that names those tensors.
 
+Threads: a step uses up to ``torch.get_num_threads()`` threads, the knob torch users already
+set, and only once it is large enough to pay for them (``PARALLEL_GRAIN``); every thread count
+gives bitwise the same result.
+
 Numerics follow the eager op order element by element (the kernel is compiled without
 contracting multiply-adds); sums over inputs, streams and gates may round differently in the
 last bit, so float32 results agree to ~1e-6 relative, float64 results to ~1e-12.
@@ -51,13 +55,22 @@ COMPILER_FLAGS = (
     "-ffp-contract=off",
     "-fno-math-errno",
     "-fopenmp-simd",
+    "-pthread",
     "-std=c++17",
     "-shared",
     "-fPIC",
 )
 """``-ffp-contract=off``: every multiply and add rounds on its own, as the eager ops do;
 ``-fno-math-errno`` lets ``sqrt`` vectorise; ``-fopenmp-simd`` honours the ``omp simd``
-reductions (dot products) without an OpenMP runtime."""
+reductions (dot products) without an OpenMP runtime; ``-pthread``: large steps run on
+several threads (``std::thread``)."""
+
+PARALLEL_GRAIN = 1 << 17
+"""Least work (parameter-stream entries of the sweep) that earns a step another thread.
+
+Starting and joining a thread costs ~20-50 µs; a step with 2 x ``PARALLEL_GRAIN`` entries
+takes ~0.5 ms on one thread, so a second thread saves more than it costs. The split never
+changes the numbers (see ``fused_td.cpp``), only the time."""
 
 OPTIMIZER_KINDS = {"sgd": 0, "rmsprop_td": 1, "adam": 2}
 
@@ -158,6 +171,8 @@ class TDArgs(ctypes.Structure):
                 "include_observation",
                 "include_bias",
                 "train_learner",
+                "threads",
+                "parallel_grain",
             )
         ),
         *(
@@ -429,6 +444,8 @@ class FusedTDStep:
         groups = predictor.optimizer.param_groups
         td.head_lr = groups[0]["lr"]
         td.learner_lr = groups[-1]["lr"]
+        td.threads = torch.get_num_threads()
+        td.parallel_grain = PARALLEL_GRAIN
         observation, cumulant = observation.contiguous(), cumulant.contiguous()
         td.x = observation.data_ptr()
         td.cumulant = cumulant.data_ptr()

@@ -16,12 +16,18 @@
 // parameters lead with P = 1 (shared: updates are the mean over streams) or P = B.
 // Compiled with -ffp-contract=off so that every multiply and add rounds as the eager
 // element-wise ops do; reductions (dot products, means) may differ in the last bit.
+//
+// Large steps are split over up to `td.threads` threads (std::thread, started per call, so
+// only when each gets at least `td.parallel_grain` parameter-stream entries of work). The
+// split is by columns, weight rows or streams, never inside a sum, so every thread count
+// gives bitwise the same result.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -51,6 +57,32 @@ T dot(const T* __restrict a, const T* __restrict b, index count) {
 #pragma omp simd reduction(+ : sum)
   for (index i = 0; i < count; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// ------------------------------------------------------------------ threads
+// Threads worth starting for `work` entries: at most `threads`, each with >= `grain` of it.
+inline index threads_for(const TDArgs& td, index work, index parts) {
+  const index grain = std::max<index>(1, td.parallel_grain);
+  return std::max<index>(1, std::min({index(td.threads), work / grain, parts}));
+}
+
+// body(begin, end) over `threads` contiguous slices of [0, count); slice 0 on this thread.
+template <typename Body>
+void parallel_for(index count, index threads, const Body& body) {
+  threads = std::max<index>(1, std::min(threads, count));
+  if (threads == 1) {
+    body(index(0), count);
+    return;
+  }
+  std::vector<std::thread> workers;
+  workers.reserve(threads - 1);
+  for (index t = 1; t < threads; ++t) {
+    workers.emplace_back([&body, count, threads, t] {
+      body(count * t / threads, count * (t + 1) / threads);
+    });
+  }
+  body(index(0), count / threads);
+  for (std::thread& worker : workers) worker.join();
 }
 
 // ------------------------------------------------------------------ optimisers
@@ -353,40 +385,43 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
             : h_prev;
       }
     }
-    for (index j = 0; j < L; ++j) {
-      const index column = s * L + j;
-      for (index b = 0; b < B; ++b) {
-        const index p = P == 1 ? 0 : b;
-        const T* w = weights[s] + (p * L + j) * N_GATES * row_size;
-        const T h_prev = h_carry[b * n + column], c_prev = c_carry[b * n + column];
-        T a[N_GATES];
-        for (index k = 0; k < N_GATES; ++k) {
-          const T* row = w + k * row_size;
-          a[k] = dot(row, stage_input.data() + b * width, width) + row[width] * h_prev +
-                 row[width + 1];
+    auto forward_columns = [&](index first_column, index last_column) {
+      for (index j = first_column; j < last_column; ++j) {
+        const index column = s * L + j;
+        for (index b = 0; b < B; ++b) {
+          const index p = P == 1 ? 0 : b;
+          const T* w = weights[s] + (p * L + j) * N_GATES * row_size;
+          const T h_prev = h_carry[b * n + column], c_prev = c_carry[b * n + column];
+          T a[N_GATES];
+          for (index k = 0; k < N_GATES; ++k) {
+            const T* row = w + k * row_size;
+            a[k] = dot(row, stage_input.data() + b * width, width) + row[width] * h_prev +
+                   row[width + 1];
+          }
+          T i_gate = sigmoid(a[GATE_I]), f_gate = sigmoid(a[GATE_F]);
+          T candidate = std::tanh(a[GATE_G]), o_gate = sigmoid(a[GATE_O]);
+          T c_new = f_gate * c_prev + i_gate * candidate;
+          T tanh_c = std::tanh(c_new);
+          h[b * n + column] = o_gate * tanh_c;
+          c[b * n + column] = c_new;
+          if (s != active) continue;
+          ColumnStep<T>& step = steps[b * L + j];
+          step.forget = f_gate;
+          step.kappa[GATE_I] = candidate * i_gate * (T(1) - i_gate);
+          step.kappa[GATE_F] = c_prev * f_gate * (T(1) - f_gate);
+          step.kappa[GATE_G] = i_gate * (T(1) - candidate * candidate);
+          step.kappa[GATE_O] = 0;
+          T dc_dh_prev = 0;
+          for (index k = 0; k < N_GATES; ++k) dc_dh_prev += step.kappa[k] * w[k * row_size + width];
+          step.dc_dh_prev = dc_dh_prev;
+          step.dh_doutput_preactivation = tanh_c * o_gate * (T(1) - o_gate);
+          step.dh_dh_prev_output = step.dh_doutput_preactivation * w[GATE_O * row_size + width];
+          step.dh_dc = o_gate * (T(1) - tanh_c * tanh_c);
+          step.h_prev = h_prev;
         }
-        T i_gate = sigmoid(a[GATE_I]), f_gate = sigmoid(a[GATE_F]);
-        T candidate = std::tanh(a[GATE_G]), o_gate = sigmoid(a[GATE_O]);
-        T c_new = f_gate * c_prev + i_gate * candidate;
-        T tanh_c = std::tanh(c_new);
-        h[b * n + column] = o_gate * tanh_c;
-        c[b * n + column] = c_new;
-        if (s != active) continue;
-        ColumnStep<T>& step = steps[b * L + j];
-        step.forget = f_gate;
-        step.kappa[GATE_I] = candidate * i_gate * (T(1) - i_gate);
-        step.kappa[GATE_F] = c_prev * f_gate * (T(1) - f_gate);
-        step.kappa[GATE_G] = i_gate * (T(1) - candidate * candidate);
-        step.kappa[GATE_O] = 0;
-        T dc_dh_prev = 0;
-        for (index k = 0; k < N_GATES; ++k) dc_dh_prev += step.kappa[k] * w[k * row_size + width];
-        step.dc_dh_prev = dc_dh_prev;
-        step.dh_doutput_preactivation = tanh_c * o_gate * (T(1) - o_gate);
-        step.dh_dh_prev_output = step.dh_doutput_preactivation * w[GATE_O * row_size + width];
-        step.dh_dc = o_gate * (T(1) - tanh_c * tanh_c);
-        step.h_prev = h_prev;
       }
-    }
+    };
+    parallel_for(L, threads_for(td, B * L * N_GATES * row_size, L), forward_columns);
   }
   // The active stage's feature statistics move after its step read them (plugins/ccn.py).
   if (col.normalize_features && active > 0) {
@@ -413,66 +448,74 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
   auto* trace = static_cast<T*>(td.learner_trace);
   const index block = N_GATES * m;  // one column's weights
   const index rows_ifg = 3 * m;
-  const index chunk = std::max<index>(1, std::min<index>(L, (index(1) << 14) / block));
-  std::vector<T> update(chunk * block), repeated_input(B * rows_ifg), kappa(rows_ifg);
-  for (index b = 0; b < B; ++b) {  // z = [x^, n_k(h_<k), h_j (patched per column), 1]
-    for (index k = 0; k < 3; ++k) {
-      T* z = repeated_input.data() + b * rows_ifg + k * m;
-      std::copy_n(stage_input.data() + b * (m - 2), m - 2, z);
-      z[m - 1] = T(1);
-    }
-  }
-  for (index first = 0; first < L; first += chunk) {
-    const index last = std::min(L, first + chunk);
-    if (P == 1) std::fill(update.begin(), update.end(), T(0));
-    for (index b = 0; b < B; ++b) {
-      for (index j = first; j < last; ++j) {
-        const ColumnStep<T> step = steps[b * L + j];
-        T* __restrict z = repeated_input.data() + b * rows_ifg;
-        for (index k = 0; k < 3; ++k) {
-          z[k * m + m - 2] = step.h_prev;
-          std::fill_n(kappa.data() + k * m, m, step.kappa[k]);
-        }
-        const index offset = (b * L + j) * block;
-        T* __restrict sh = sensitivity_h + offset;
-        T* __restrict sc = sensitivity_c + offset;
-        prefetch_ahead(sh, sc, train ? trace + offset : nullptr, block);
-        const T* __restrict kappa_row = kappa.data();
-        const T forget = step.forget, dc_dh_prev = step.dc_dh_prev;
-        const T dh_dh_prev = step.dh_dh_prev_output, dh_dc = step.dh_dc;
-        for (index i = 0; i < rows_ifg; ++i) {
-          T sc_new = forget * sc[i] + dc_dh_prev * sh[i] + kappa_row[i] * z[i];
-          sh[i] = dh_dh_prev * sh[i] + dh_dc * sc_new;
-          sc[i] = sc_new;
-        }
-        const T dh_da = step.dh_doutput_preactivation;
-        const T* __restrict z_o = z + 2 * m;
-        T* __restrict sh_o = sh + rows_ifg;
-        T* __restrict sc_o = sc + rows_ifg;
-        for (index i = 0; i < m; ++i) {
-          T sc_new = forget * sc_o[i] + dc_dh_prev * sh_o[i];
-          sh_o[i] = dh_dh_prev * sh_o[i] + dh_dc * sc_new + dh_da * z_o[i];
-          sc_o[i] = sc_new;
-        }
-        if (!train) continue;
-        T* __restrict u = update.data() + (P == 1 ? (j - first) * block : 0);
-        if (P != 1) std::fill_n(u, block, T(0));
-        for (index q = 0; q < K; ++q) {
-          const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
-          const T v = engine.v(b, q, active * L + j);
-          T* __restrict e = trace + q * B * L * block + offset;
-          for (index i = 0; i < block; ++i) {
-            u[i] += error * e[i];
-            e[i] = e[i] * decay + v * sh[i];
-          }
-        }
-        if (P != 1) optimizer->apply(weight, offset, u, T(1), block);
+  const index sweep_threads = threads_for(td, B * L * block * (train ? K + 1 : 1), L);
+  const index chunk = std::max<index>(
+      1, std::min({L, (index(1) << 14) / block, (L + sweep_threads - 1) / sweep_threads}));
+  const index chunks = (L + chunk - 1) / chunk;
+  // Each thread sweeps its own run of chunks with its own scratch.
+  auto sweep_chunks = [&](index first_chunk, index last_chunk) {
+    std::vector<T> update(chunk * block), repeated_input(B * rows_ifg), kappa(rows_ifg);
+    for (index b = 0; b < B; ++b) {  // z = [x^, n_k(h_<k), h_j (patched per column), 1]
+      for (index k = 0; k < 3; ++k) {
+        T* z = repeated_input.data() + b * rows_ifg + k * m;
+        std::copy_n(stage_input.data() + b * (m - 2), m - 2, z);
+        z[m - 1] = T(1);
       }
     }
-    if (train && P == 1) {
-      optimizer->apply(weight, first * block, update.data(), T(B), (last - first) * block);
+    for (index first = first_chunk * chunk; first < std::min(L, last_chunk * chunk);
+         first += chunk) {
+      const index last = std::min(L, first + chunk);
+      if (P == 1) std::fill(update.begin(), update.end(), T(0));
+      for (index b = 0; b < B; ++b) {
+        for (index j = first; j < last; ++j) {
+          const ColumnStep<T> step = steps[b * L + j];
+          T* __restrict z = repeated_input.data() + b * rows_ifg;
+          for (index k = 0; k < 3; ++k) {
+            z[k * m + m - 2] = step.h_prev;
+            std::fill_n(kappa.data() + k * m, m, step.kappa[k]);
+          }
+          const index offset = (b * L + j) * block;
+          T* __restrict sh = sensitivity_h + offset;
+          T* __restrict sc = sensitivity_c + offset;
+          prefetch_ahead(sh, sc, train ? trace + offset : nullptr, block);
+          const T* __restrict kappa_row = kappa.data();
+          const T forget = step.forget, dc_dh_prev = step.dc_dh_prev;
+          const T dh_dh_prev = step.dh_dh_prev_output, dh_dc = step.dh_dc;
+          for (index i = 0; i < rows_ifg; ++i) {
+            T sc_new = forget * sc[i] + dc_dh_prev * sh[i] + kappa_row[i] * z[i];
+            sh[i] = dh_dh_prev * sh[i] + dh_dc * sc_new;
+            sc[i] = sc_new;
+          }
+          const T dh_da = step.dh_doutput_preactivation;
+          const T* __restrict z_o = z + 2 * m;
+          T* __restrict sh_o = sh + rows_ifg;
+          T* __restrict sc_o = sc + rows_ifg;
+          for (index i = 0; i < m; ++i) {
+            T sc_new = forget * sc_o[i] + dc_dh_prev * sh_o[i];
+            sh_o[i] = dh_dh_prev * sh_o[i] + dh_dc * sc_new + dh_da * z_o[i];
+            sc_o[i] = sc_new;
+          }
+          if (!train) continue;
+          T* __restrict u = update.data() + (P == 1 ? (j - first) * block : 0);
+          if (P != 1) std::fill_n(u, block, T(0));
+          for (index q = 0; q < K; ++q) {
+            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+            const T v = engine.v(b, q, active * L + j);
+            T* __restrict e = trace + q * B * L * block + offset;
+            for (index i = 0; i < block; ++i) {
+              u[i] += error * e[i];
+              e[i] = e[i] * decay + v * sh[i];
+            }
+          }
+          if (P != 1) optimizer->apply(weight, offset, u, T(1), block);
+        }
+      }
+      if (train && P == 1) {
+        optimizer->apply(weight, first * block, update.data(), T(B), (last - first) * block);
+      }
     }
-  }
+  };
+  parallel_for(chunks, sweep_threads, sweep_chunks);
 
   std::copy(h.begin(), h.end(), h_carry);
   std::copy(c.begin(), c.end(), c_carry);
@@ -507,35 +550,38 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
   for (int s = 0; s < 5; ++s) {
     std::memmove(slots[s] + slot_sizes[s], slots[s], sizeof(T) * slot_sizes[s] * (window - 1));
   }
-  std::vector<T> a(rows);
-  for (index b = 0; b < B; ++b) {
-    const index p = P == 1 ? 0 : b;
-    T* z = cell_input + b * m;  // z = [x^, h_prev, 1], read in full before h moves
-    std::copy_n(engine.observation.data() + b * d, d, z);
-    std::copy_n(h_carry + b * n, n, z + d);
-    z[d + n] = T(1);
-    for (index r = 0; r < rows; ++r) a[r] = dot(weight + (p * rows + r) * m, z, m);
-    for (index i = 0; i < n; ++i) {
-      T i_gate = sigmoid(a[GATE_I * n + i]), f_gate = sigmoid(a[GATE_F * n + i]);
-      T candidate = std::tanh(a[GATE_G * n + i]), o_gate = sigmoid(a[GATE_O * n + i]);
-      T c_prev = c_carry[b * n + i];
-      T c_new = f_gate * c_prev + i_gate * candidate;
-      T tanh_c = std::tanh(c_new);
-      T mu = o_gate * (T(1) - tanh_c * tanh_c);
-      T kappa[N_GATES] = {candidate * i_gate * (T(1) - i_gate), c_prev * f_gate * (T(1) - f_gate),
-                          i_gate * (T(1) - candidate * candidate), T(0)};
-      for (index k = 0; k < N_GATES; ++k) {
-        dc_da[(b * N_GATES + k) * n + i] = kappa[k];
-        dh_da[(b * N_GATES + k) * n + i] = mu * kappa[k];
+  auto forward_streams = [&](index first_stream, index last_stream) {
+    std::vector<T> a(rows);
+    for (index b = first_stream; b < last_stream; ++b) {
+      const index p = P == 1 ? 0 : b;
+      T* z = cell_input + b * m;  // z = [x^, h_prev, 1], read in full before h moves
+      std::copy_n(engine.observation.data() + b * d, d, z);
+      std::copy_n(h_carry + b * n, n, z + d);
+      z[d + n] = T(1);
+      for (index r = 0; r < rows; ++r) a[r] = dot(weight + (p * rows + r) * m, z, m);
+      for (index i = 0; i < n; ++i) {
+        T i_gate = sigmoid(a[GATE_I * n + i]), f_gate = sigmoid(a[GATE_F * n + i]);
+        T candidate = std::tanh(a[GATE_G * n + i]), o_gate = sigmoid(a[GATE_O * n + i]);
+        T c_prev = c_carry[b * n + i];
+        T c_new = f_gate * c_prev + i_gate * candidate;
+        T tanh_c = std::tanh(c_new);
+        T mu = o_gate * (T(1) - tanh_c * tanh_c);
+        T kappa[N_GATES] = {candidate * i_gate * (T(1) - i_gate), c_prev * f_gate * (T(1) - f_gate),
+                            i_gate * (T(1) - candidate * candidate), T(0)};
+        for (index k = 0; k < N_GATES; ++k) {
+          dc_da[(b * N_GATES + k) * n + i] = kappa[k];
+          dh_da[(b * N_GATES + k) * n + i] = mu * kappa[k];
+        }
+        dh_da[(b * N_GATES + GATE_O) * n + i] = tanh_c * o_gate * (T(1) - o_gate);
+        forget[b * n + i] = f_gate;
+        dh_dc[b * n + i] = mu;
+        c_carry[b * n + i] = c_new;
+        h_carry[b * n + i] = o_gate * tanh_c;
       }
-      dh_da[(b * N_GATES + GATE_O) * n + i] = tanh_c * o_gate * (T(1) - o_gate);
-      forget[b * n + i] = f_gate;
-      dh_dc[b * n + i] = mu;
-      c_carry[b * n + i] = c_new;
-      h_carry[b * n + i] = o_gate * tanh_c;
+      steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
     }
-    steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
-  }
+  };
+  parallel_for(B, threads_for(td, B * block, B), forward_streams);
 
   engine.predict(h_carry);
   engine.update_heads();
@@ -548,66 +594,87 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
   // Pass 1: the optimiser's update from the old traces (eager forms grad after the update).
   ParameterOptimizer<T> optimizer = engine.learner_optimizer();
   auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
-  std::vector<T> update(block, T(0));
-  for (index b = 0; b < B; ++b) {
-    if (P != 1) std::fill(update.begin(), update.end(), T(0));
-    for (index q = 0; q < K; ++q) {
-      const T error = engine.delta[b * K + q];
-      const T* __restrict e = trace + (q * B + b) * block;
-      T* __restrict u = update.data();
-      for (index i = 0; i < block; ++i) u[i] += error * e[i];
-    }
-    if (P != 1) optimizer.apply(weight, b * block, update.data(), T(1), block);
+  const index window_work = B * block * (K + window);  // traces, and the window's outer products
+  if (P == 1) {  // each thread sums over the streams for its own weight rows
+    parallel_for(rows, threads_for(td, window_work, rows), [&](index first_row, index last_row) {
+      const index begin = first_row * m, count = (last_row - first_row) * m;
+      std::vector<T> update(count, T(0));
+      for (index b = 0; b < B; ++b) {
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q];
+          const T* __restrict e = trace + (q * B + b) * block + begin;
+          T* __restrict u = update.data();
+          for (index i = 0; i < count; ++i) u[i] += error * e[i];
+        }
+      }
+      optimizer.apply(weight, begin, update.data(), T(B), count);
+    });
+  } else {
+    parallel_for(B, threads_for(td, window_work, B), [&](index first_stream, index last_stream) {
+      std::vector<T> update(block);
+      for (index b = first_stream; b < last_stream; ++b) {
+        std::fill(update.begin(), update.end(), T(0));
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q];
+          const T* __restrict e = trace + (q * B + b) * block;
+          T* __restrict u = update.data();
+          for (index i = 0; i < block; ++i) u[i] += error * e[i];
+        }
+        optimizer.apply(weight, b * block, update.data(), T(1), block);
+      }
+    });
   }
-  if (P == 1) optimizer.apply(weight, 0, update.data(), T(B), block);
 
   // Pass 2: adjoints of the pre-activations at every age of the window, newest first,
   // then trace = gamma lambda trace + sum_age adjoint_age (x) z_age.
-  std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
-  std::vector<T> gradient(m);
-  for (index b = 0; b < B; ++b) {
-    const index p = P == 1 ? 0 : b;
-    const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
-    for (index q = 0; q < K; ++q) {
-      for (index i = 0; i < n; ++i) {
-        adjoint_h[i] = engine.v(b, q, i);
-        adjoint_c[i] = 0;
-      }
-      for (index age = 0; age < ages; ++age) {
-        const index slot = age * B + b;
-        T* adjoint_a = adjoint.data() + age * rows;
-        for (index r = 0; r < rows; ++r) {
-          const index i = r % n;
-          adjoint_a[r] = adjoint_h[i] * dh_da[slot * rows + r] + adjoint_c[i] * dc_da[slot * rows + r];
-        }
-        std::fill(next_h.begin(), next_h.end(), T(0));
-        for (index r = 0; r < rows; ++r) {
-          const T* __restrict u = weight + (p * rows + r) * m + d;
-          const T scale = adjoint_a[r];
-          for (index j = 0; j < n; ++j) next_h[j] += scale * u[j];
-        }
+  auto backward_streams = [&](index first_stream, index last_stream) {
+    std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
+    std::vector<T> gradient(m);
+    for (index b = first_stream; b < last_stream; ++b) {
+      const index p = P == 1 ? 0 : b;
+      const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
+      for (index q = 0; q < K; ++q) {
         for (index i = 0; i < n; ++i) {
-          const T f = forget[slot * n + i];
-          next_c[i] = dh_dc[slot * n + i] * f * adjoint_h[i] + f * adjoint_c[i];
+          adjoint_h[i] = engine.v(b, q, i);
+          adjoint_c[i] = 0;
         }
-        std::swap(adjoint_h, next_h);
-        std::swap(adjoint_c, next_c);
-      }
-      const T decay = engine.trace_decay[b];
-      T* e = trace + (q * B + b) * block;
-      for (index r = 0; r < rows; ++r) {
-        T* __restrict g = gradient.data();
-        std::fill_n(g, m, T(0));
         for (index age = 0; age < ages; ++age) {
-          const T scale = adjoint[age * rows + r];
-          const T* __restrict z = cell_input + (age * B + b) * m;
-          for (index i = 0; i < m; ++i) g[i] += scale * z[i];
+          const index slot = age * B + b;
+          T* adjoint_a = adjoint.data() + age * rows;
+          for (index r = 0; r < rows; ++r) {
+            const index i = r % n;
+            adjoint_a[r] = adjoint_h[i] * dh_da[slot * rows + r] + adjoint_c[i] * dc_da[slot * rows + r];
+          }
+          std::fill(next_h.begin(), next_h.end(), T(0));
+          for (index r = 0; r < rows; ++r) {
+            const T* __restrict u = weight + (p * rows + r) * m + d;
+            const T scale = adjoint_a[r];
+            for (index j = 0; j < n; ++j) next_h[j] += scale * u[j];
+          }
+          for (index i = 0; i < n; ++i) {
+            const T f = forget[slot * n + i];
+            next_c[i] = dh_dc[slot * n + i] * f * adjoint_h[i] + f * adjoint_c[i];
+          }
+          std::swap(adjoint_h, next_h);
+          std::swap(adjoint_c, next_c);
         }
-        T* __restrict e_row = e + r * m;
-        for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + g[i];
+        const T decay = engine.trace_decay[b];
+        T* e = trace + (q * B + b) * block;
+        for (index r = 0; r < rows; ++r) {
+          T* __restrict g = gradient.data();
+          std::fill_n(g, m, T(0));
+          for (index age = 0; age < ages; ++age) {
+            const T scale = adjoint[age * rows + r];
+            const T* __restrict z = cell_input + (age * B + b) * m;
+            for (index i = 0; i < m; ++i) g[i] += scale * z[i];
+          }
+          T* __restrict e_row = e + r * m;
+          for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + g[i];
+        }
       }
     }
-  }
+  };
+  parallel_for(B, threads_for(td, window_work, B), backward_streams);
   engine.finish();
   return 0;
 }

@@ -296,3 +296,26 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
             assert make_predictor("columnar", "auto", torch.float32).backend == "eager"
     finally:
         fused.load_library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_every_thread_count_gives_bitwise_the_same_steps(name, independent, monkeypatch):
+    """Threads split columns, weight rows or streams, never a sum: results are identical."""
+    monkeypatch.setattr(fused, "PARALLEL_GRAIN", 1)  # the tiny test network earns threads
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            predictor = make_predictor(name, "fused", torch.float32, independent, n_cumulants=2)
+            predictions = run(predictor, 60, torch.float32, n_cumulants=2)
+            runs[count] = (predictions, float_tensors(predictor.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    for count in (2, 3):
+        assert torch.equal(runs[count][0], runs[1][0]), f"predictions with {count} threads"
+        assert runs[count][1].keys() == runs[1][1].keys()
+        for label, tensor in runs[1][1].items():
+            assert torch.equal(runs[count][1][label], tensor), f"{label} with {count} threads"
