@@ -15,11 +15,15 @@ least disturbed), with the implementations measured alternately in rounds.
   by the bytes they must move (``columnar_step_bytes``);
 * ``scaling``: per-step cost from ~1e3 to ~1e6 parameters per network, with the fitted
   log-log slope (cost ~ parameters^slope), for columnar, CCN, SnAp-1, eLSTM, UORO and T-BPTT
-  (also against its hidden units, where the theory says 2).
+  (against its hidden units, where the theory says 2);
+* ``threads``: the fused kernel on every core (``torch.set_num_threads(cores)``) against one,
+  side by side, for the large cases and the scaling runs: the second core is used where a
+  step is big enough to pay for a thread (``agentstate.fused.PARALLEL_GRAIN``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -83,19 +87,37 @@ CASES = (
 BANDWIDTH_TARGET = 0.6
 """Fraction of the triad bandwidth the large columnar step must reach."""
 
-SCALING: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
-    # learner: (size option, fixed options, sizes giving ~1e3, 1e4, 1e5, 1e6 parameters)
-    "columnar": ("n_features", {}, (18, 179, 1786, 17857)),
-    "ccn": ("columns_per_stage", {"steps_per_stage": 10**12}, (3, 12, 46, 155)),
-    "snap1": ("n_features", {"connection_density": 0.1}, (10, 44, 152, 494)),
-    "elstm": ("n_features", {}, (17, 81, 296, 980)),
-    "uoro": ("n_features", {}, (10, 44, 152, 494)),
-    "tbptt": ("n_features", {"truncation": 4}, (10, 44, 152, 494)),
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """One learner's scaling run: networks of ~1e3, 1e4, 1e5, 1e6 parameters."""
+
+    option: str
+    """The size knob (a learner option)."""
+    sizes: tuple[int, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    input_size: int = INPUTS
+    quadratic_in_size: bool = False
+    """Judge the slope against ``sizes`` (target 2) rather than against parameters."""
+
+
+SCALING: dict[str, Scaling] = {
+    "columnar": Scaling("n_features", (18, 179, 1786, 17857)),
+    "ccn": Scaling("columns_per_stage", (3, 12, 46, 155), {"steps_per_stage": 10**12}),
+    "snap1": Scaling("n_features", (10, 44, 152, 494), {"connection_density": 0.1}),
+    "elstm": Scaling("n_features", (17, 81, 296, 980)),
+    "uoro": Scaling("n_features", (10, 44, 152, 494)),
+    # T-BPTT costs O(k n (n + d)) per step: quadratic in its hidden units n once n >> d, so
+    # its inputs are few (2) and n runs 15..499 for ~1e3..1e6 parameters.
+    "tbptt": Scaling("n_features", (15, 49, 157, 499), {"truncation": 4}, 2, True),
 }
 CCN_STAGES = 5
 """CCN scaling: ``n_features = 5 columns_per_stage``, measured in the last stage."""
 SCALING_STREAMS = 32
 LINEAR_SLOPE = (0.9, 1.1)
+QUADRATIC_SLOPE = (1.8, 2.2)
+"""T-BPTT's slope against its hidden units (2 x the linear band)."""
 
 
 # ---------------------------------------------------------------------- timing
@@ -135,11 +157,13 @@ def td_step(predictor: TDPredictor, seed: int = 0, pool: int = 64) -> Callable[[
     observations = (torch.rand(shape, generator=generator) < 0.3).to(learner.dtype)
     cumulants = torch.rand(pool, learner.streams, predictor.n_cumulants, generator=generator)
     cumulants = cumulants.to(learner.dtype)
-    counter = iter(range(1 << 62))
+    # One tensor per step, made up front: indexing a [pool, B, d] tensor costs a few µs per
+    # call, which would be timed as if it were the engine's.
+    inputs = itertools.cycle(list(zip(observations.unbind(0), cumulants.unbind(0), strict=True)))
 
     def step() -> Tensor:
-        t = next(counter) % pool
-        return predictor.step(observations[t], cumulants[t])
+        observation, cumulant = next(inputs)
+        return predictor.step(observation, cumulant)
 
     return step
 
@@ -235,11 +259,13 @@ def last_stage(learner: Any) -> Any:
 
 
 def measure_case(
-    case: Case, budget: float, triad: Triad | None = None
+    case: Case, budget: float, triad: Triad | None = None, threads: int = 1
 ) -> dict[str, Any]:
     """µs per stream-step of ``case`` for each implementation (fused, eager, naive).
 
     With ``triad``, the triad is timed in the same rounds: ``triad_gb_per_s`` in the row.
+    With ``threads > 1``, the fused step (and the triad) also run on that many threads:
+    ``fused_threads_us`` (and ``triad_threads_gb_per_s``).
     """
     predictors = {}
     for backend in ("fused", "eager"):
@@ -250,15 +276,26 @@ def measure_case(
     if case.naive:
         cell = build(case.learner, case.streams, case.input_size, case.options)
         predictors["naive"] = predictor_for(NaiveColumnarRTRL(cell), "eager")
-    steps: dict[str, Callable[[], Any]] = {name: td_step(p) for name, p in predictors.items()}
+    steps: dict[str, Callable[[], Any]] = {
+        name: with_threads(td_step(p), 1) for name, p in predictors.items()
+    }
     if triad is not None:
-        steps["triad"] = triad
+        steps["triad"] = with_threads(triad, 1)
+    if threads > 1:
+        steps["fused_threads"] = with_threads(td_step(predictors["fused"], seed=1), threads)
+        if triad is not None:
+            steps["triad_threads"] = with_threads(triad, threads)
     seconds = time_side_by_side(steps, budget)
-    per_stream = {f"{name}_us": seconds[name] / case.streams * 1e6 for name in predictors}
+    torch.set_num_threads(1)
+    timed = [name for name in steps if not name.startswith("triad")]
+    per_stream = {f"{name}_us": seconds[name] / case.streams * 1e6 for name in timed}
     learner = predictors["fused"].learner
     row = {**asdict(case), "params": n_params(learner), **per_stream}
-    if triad is not None:
-        row["triad_gb_per_s"] = triad.bytes / seconds["triad"] / 1e9
+    if threads > 1:
+        row["threads"] = threads
+    for name in ("triad", "triad_threads"):
+        if name in seconds:
+            row[f"{name}_gb_per_s"] = triad.bytes / seconds[name] / 1e9  # type: ignore[union-attr]
     row["met"] = case.target_us is not None and per_stream["fused_us"] <= case.target_us
     return row
 
@@ -292,34 +329,68 @@ class Triad:
         torch.add(self.b, self.c, alpha=3.0, out=self.a)
 
 
+def with_threads(step: Callable[[], Any], threads: int) -> Callable[[], Any]:
+    """``step`` run with ``torch.set_num_threads(threads)`` (the fused kernel's thread budget)."""
+
+    def threaded() -> Any:
+        torch.set_num_threads(threads)
+        return step()
+
+    return threaded
+
+
 def measure_scaling(
-    name: str, budget: float, max_params: float = 2e6
+    name: str, budget: float, max_params: float = 2e6, threads: int = 1
 ) -> dict[str, Any]:
-    """Per-step cost at ~1e3..1e6 parameters and the fitted log-log slope."""
-    option, fixed, sizes = SCALING[name]
+    """Per-step cost at ~1e3..1e6 parameters and the fitted log-log slope.
+
+    With ``threads > 1``, fused learners are also timed on that many threads, side by side
+    with one (``step_us_threads`` per point, ``slope_threads``).
+    """
+    scaling = SCALING[name]
     points = []
-    for size in sizes:
-        options = {**fixed, option: size}
+    backend = "eager"
+    for size in scaling.sizes:
+        options = {**scaling.fixed, scaling.option: size}
         if name == "ccn":
             options["n_features"] = CCN_STAGES * size
-        learner = build(name, SCALING_STREAMS, INPUTS, options)
+        learner = build(name, SCALING_STREAMS, scaling.input_size, options)
         if name == "ccn":
             last_stage(learner)
         params = n_params(learner)
         if params > max_params:
             break
         predictor = predictor_for(learner, "auto")
-        seconds = time_side_by_side({"step": td_step(predictor)}, budget, rounds=1)["step"]
-        points.append({"size": size, "params": params, "step_us": seconds * 1e6})
         backend = predictor.backend
-    slope = fitted_slope([p["params"] for p in points], [p["step_us"] for p in points])
-    row = {"learner": name, "backend": backend, "streams": SCALING_STREAMS, "points": points}
-    row["slope"] = slope
-    row["met"] = LINEAR_SLOPE[0] <= slope <= LINEAR_SLOPE[1]
-    if name == "tbptt":
-        row["slope_vs_units"] = fitted_slope(
-            [p["size"] for p in points], [p["step_us"] for p in points]
-        )
+        step = td_step(predictor)
+        steps = {"one": with_threads(step, 1)}
+        if threads > 1 and backend == "fused":
+            steps["many"] = with_threads(step, threads)
+        seconds = time_side_by_side(steps, budget, rounds=1 if len(steps) == 1 else 2)
+        point = {"size": size, "params": params, "step_us": seconds["one"] * 1e6}
+        if "many" in seconds:
+            point["step_us_threads"] = seconds["many"] * 1e6
+        points.append(point)
+    torch.set_num_threads(1)
+    param_counts = [p["params"] for p in points]
+    along = [p["size"] for p in points] if scaling.quadratic_in_size else param_counts
+    band = QUADRATIC_SLOPE if scaling.quadratic_in_size else LINEAR_SLOPE
+    row: dict[str, Any] = {
+        "learner": name,
+        "backend": backend,
+        "streams": SCALING_STREAMS,
+        "input_size": scaling.input_size,
+        "points": points,
+        "slope_against": "hidden units" if scaling.quadratic_in_size else "parameters",
+        "target": list(band),
+        "slope": fitted_slope(along, [p["step_us"] for p in points]),
+        "slope_vs_params": fitted_slope(param_counts, [p["step_us"] for p in points]),
+    }
+    row["met"] = band[0] <= row["slope"] <= band[1]
+    if points and all("step_us_threads" in p for p in points):
+        row["threads"] = threads
+        row["slope_threads"] = fitted_slope(along, [p["step_us_threads"] for p in points])
+        row["met_threads"] = band[0] <= row["slope_threads"] <= band[1]
     return row
 
 
@@ -340,6 +411,9 @@ class Report:
     torch: str
     command: str
     threads: int = 1
+    """Threads of the headline numbers."""
+    parallel_threads: int = 1
+    """Threads of the ``fused_threads`` numbers: every core this process may use."""
     triad_gb_per_s: float = 0.0
     cases: list[dict[str, Any]] = field(default_factory=list)
     bandwidth: list[dict[str, Any]] = field(default_factory=list)
@@ -379,8 +453,13 @@ def run(
 
 def _measure(command: str, quick: bool, log: Callable[[str], None]) -> Report:
     started = time.perf_counter()
+    cores = _cpu_count()
     report = Report(
-        date=str(date.today()), machine=machine_name(), torch=torch.__version__, command=command
+        date=str(date.today()),
+        machine=machine_name(),
+        torch=torch.__version__,
+        command=command,
+        parallel_threads=cores,
     )
     budget = 0.05 if quick else 4.0
     triad = Triad(1 << 20 if quick else 1 << 25)
@@ -388,95 +467,123 @@ def _measure(command: str, quick: bool, log: Callable[[str], None]) -> Report:
         large = case.target_us is None
         if quick and large:
             continue  # the large cases take seconds even for a smoke test
-        row = measure_case(case, budget, triad if large else None)
+        row = measure_case(case, budget, triad if large else None, threads=cores)
         report.cases.append(row)
         log(f"{case.label}: fused {row['fused_us']:.2f} µs, eager {row['eager_us']:.2f} µs")
         if large:
-            moved = columnar_step_bytes(case.streams, case.options["n_features"], case.input_size)
-            seconds = row["fused_us"] * case.streams * 1e-6
-            achieved = moved / seconds / 1e9
-            fraction = achieved / row["triad_gb_per_s"]
             report.triad_gb_per_s = max(report.triad_gb_per_s, row["triad_gb_per_s"])
-            report.bandwidth.append(
-                {
-                    "label": case.label,
-                    "bytes": moved,
-                    "step_ms": seconds * 1e3,
-                    "gb_per_s": achieved,
-                    "triad_gb_per_s": row["triad_gb_per_s"],
-                    "fraction_of_triad": fraction,
-                    "met": fraction >= BANDWIDTH_TARGET,
-                }
-            )
+            report.bandwidth += bandwidth_rows(case, row)
     for name in SCALING:
-        row = measure_scaling(name, 0.02 if quick else 1.0, max_params=2e4 if quick else 2e6)
+        row = measure_scaling(
+            name, 0.02 if quick else 1.0, max_params=2e4 if quick else 2e6, threads=cores
+        )
         report.scaling.append(row)
-        log(f"scaling {name}: slope {row['slope']:.2f}")
+        log(f"scaling {name}: slope {row['slope']:.2f} against {row['slope_against']}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def bandwidth_rows(case: Case, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Fraction of the triad a large columnar case reaches, on one thread and on all."""
+    moved = columnar_step_bytes(case.streams, case.options["n_features"], case.input_size)
+    rows = []
+    for suffix, threads in (("", 1), ("_threads", row.get("threads"))):
+        if f"fused{suffix}_us" not in row:
+            continue
+        seconds = row[f"fused{suffix}_us"] * case.streams * 1e-6
+        achieved = moved / seconds / 1e9
+        triad = row[f"triad{suffix}_gb_per_s"]
+        rows.append(
+            {
+                "label": case.label,
+                "threads": threads,
+                "bytes": moved,
+                "step_ms": seconds * 1e3,
+                "gb_per_s": achieved,
+                "triad_gb_per_s": triad,
+                "fraction_of_triad": achieved / triad,
+                "met": achieved / triad >= BANDWIDTH_TARGET,
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------- the markdown
 def markdown(report: Report) -> str:
     """The report as the tables committed to ``benchmarks/README.md``."""
+    many = report.parallel_threads
     lines = [
-        f"Measured {report.date} on {report.machine}, torch {report.torch}, "
-        f"{report.threads} thread, float32, with `{report.command}` "
-        f"({report.seconds / 60:.1f} min).",
+        f"Measured {report.date} on {report.machine}, torch {report.torch}, float32, with "
+        f"`{report.command}` ({report.seconds / 60:.1f} min). Headline numbers on "
+        f"{report.threads} thread; *fused ×{many}* is the same kernel allowed {many} threads.",
         "",
         "µs per stream-step, TD(λ) update included (`rmsprop_td`); *fused* is what "
         "`TDPredictor` runs by default, *eager* the torch reference, *naive* eager RTRL with "
         "autograd Jacobians; C++: the authors' code per step (background §2).",
         "",
-        "| case | params | target | fused | eager | naive | eager / fused | C++ / fused | met |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        f"| case | params | target | fused | fused ×{many} | eager | naive | eager / fused | "
+        "C++ / fused | met |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for row in report.cases:
         target = f"≤ {row['target_us']:g}" if row["target_us"] else "see below"
         naive = f"{row['naive_us']:.1f}" if "naive_us" in row else "–"
+        threaded = f"{row['fused_threads_us']:.2f}" if "fused_threads_us" in row else "–"
         authors = f"{row['authors_us'] / row['fused_us']:.1f}×" if row["authors_us"] else "–"
         met = ("yes" if row["met"] else "**no**") if row["target_us"] else "–"
         lines.append(
             f"| {row['label']} | {row['params']:,} | {target} | {row['fused_us']:.2f} | "
-            f"{row['eager_us']:.1f} | {naive} | {row['eager_us'] / row['fused_us']:.0f}× | "
-            f"{authors} | {met} |"
+            f"{threaded} | {row['eager_us']:.1f} | {naive} | "
+            f"{row['eager_us'] / row['fused_us']:.0f}× | {authors} | {met} |"
         )
     lines += [
         "",
-        "STREAM triad: torch `add(b, c, alpha=3, out=a)`, 1 thread, 3 × 128 MB, 12 bytes per "
-        "element as STREAM counts them, timed in turns with each case. Bytes a step must "
-        "move: `agentstate.benchmark.columnar_step_bytes` (S^h, S^c, trace read and written "
-        "once; weights read, then read and written; second moment read and written). Target: "
+        "STREAM triad: torch `add(b, c, alpha=3, out=a)`, 3 × 128 MB, 12 bytes per element as "
+        "STREAM counts them, on as many threads as the step it is compared with, timed in "
+        "turns with each case. Bytes a step must move: "
+        "`agentstate.benchmark.columnar_step_bytes` (S^h, S^c, trace read and written once; "
+        "weights read, then read and written; second moment read and written). Target: "
         f"≥ {BANDWIDTH_TARGET:.0%} of triad.",
         "",
-        "| case | MB per step | fused ms per step | GB/s | triad GB/s | of triad | met |",
-        "|---|---:|---:|---:|---:|---:|:---:|",
+        "| case | threads | MB per step | fused ms per step | GB/s | triad GB/s | of triad | met |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for row in report.bandwidth:
         lines.append(
-            f"| {row['label']} | {row['bytes'] / 1e6:.1f} | {row['step_ms']:.2f} | "
-            f"{row['gb_per_s']:.1f} | {row['triad_gb_per_s']:.1f} | "
+            f"| {row['label']} | {row['threads']} | {row['bytes'] / 1e6:.1f} | "
+            f"{row['step_ms']:.2f} | {row['gb_per_s']:.1f} | {row['triad_gb_per_s']:.1f} | "
             f"{row['fraction_of_triad']:.0%} | {'yes' if row['met'] else '**no**'} |"
         )
-    sizes = max(len(row["points"]) for row in report.scaling)
+    sizes = max((len(row["points"]) for row in report.scaling), default=0)
     lines += [
         "",
-        f"Scaling: µs per step of all {SCALING_STREAMS} streams (`parameters p: µs`) from ~1e3 "
-        "to ~1e6 parameters per network; slope of the log-log least-squares fit (target "
-        f"{LINEAR_SLOPE[0]}–{LINEAR_SLOPE[1]}; T-BPTT also against its hidden units).",
+        f"Scaling: µs per step of all {SCALING_STREAMS} streams (`parameters p: µs on 1 thread "
+        f"/ on {many}` for fused learners) from ~1e3 to ~1e6 parameters per network; slope of "
+        "the log-log least-squares fit against parameters (target "
+        f"{LINEAR_SLOPE[0]}–{LINEAR_SLOPE[1]}), for T-BPTT against its hidden units (target "
+        f"{QUADRATIC_SLOPE[0]}–{QUADRATIC_SLOPE[1]}, with its slope against parameters).",
         "",
-        "| learner | backend | " + " | ".join(f"size {i + 1}" for i in range(sizes))
-        + " | slope | met |",
-        "|---|---|" + "---:|" * sizes + "---:|:---:|",
+        "| learner | backend | inputs | "
+        + " | ".join(f"size {i + 1}" for i in range(sizes))
+        + f" | slope, 1 thread | slope, {many} threads | met |",
+        "|---|---|---:|" + "---:|" * sizes + "---:|---:|:---:|",
     ]
     for row in report.scaling:
-        cells = [f"{p['params']:,} p: {p['step_us']:,.0f}" for p in row["points"]]
+        cells = []
+        for point in row["points"]:
+            cell = f"{point['params']:,} p: {point['step_us']:,.0f}"
+            if "step_us_threads" in point:
+                cell += f" / {point['step_us_threads']:,.0f}"
+            cells.append(cell)
         cells += [""] * (sizes - len(cells))
         slope = f"{row['slope']:.2f}"
-        if "slope_vs_units" in row:
-            slope += f" ({row['slope_vs_units']:.2f} vs units)"
+        if row["slope_against"] != "parameters":
+            slope += f" vs units ({row['slope_vs_params']:.2f} vs p)"
+        threaded = f"{row['slope_threads']:.2f}" if "slope_threads" in row else "–"
+        met = row["met"] and row.get("met_threads", True)
         lines.append(
-            f"| {row['learner']} | {row['backend']} | " + " | ".join(cells)
-            + f" | {slope} | {'yes' if row['met'] else '**no**'} |"
+            f"| {row['learner']} | {row['backend']} | {row['input_size']} | "
+            + " | ".join(cells)
+            + f" | {slope} | {threaded} | {'yes' if met else '**no**'} |"
         )
     return "\n".join(lines) + "\n"
