@@ -72,6 +72,12 @@ Starting and joining a thread costs ~20-50 µs; a step with 2 x ``PARALLEL_GRAIN
 takes ~0.5 ms on one thread, so a second thread saves more than it costs. The split never
 changes the numbers (see ``fused_td.cpp``), only the time."""
 
+VECTOR_MATH = ("-DAGENTSTATE_LIBMVEC",)
+VECTOR_MATH_LIBRARIES = ("-lmvec",)
+"""glibc's vector math library: ``exp`` and ``tanh`` of the gates vectorise across streams
+(columns) or units (T-BPTT). Tried first on x86-64 Linux; a toolchain without it builds the
+kernel with scalar libm calls instead."""
+
 OPTIMIZER_KINDS = {"sgd": 0, "rmsprop_td": 1, "adam": 2}
 
 
@@ -306,33 +312,56 @@ def _machine_signature() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (once per source, compiler and machine kind)."""
+def _build(compiler: str, vector_math: bool = False) -> Path:
+    """Compile the kernel into the cache (once per source, compiler, flags and machine kind)."""
     source = c_declarations() + SOURCE.read_text()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
+    flags = (*COMPILER_FLAGS, *VECTOR_MATH) if vector_math else COMPILER_FLAGS
+    libraries = VECTOR_MATH_LIBRARIES if vector_math else ()
     key = hashlib.sha256(
-        "\0".join([source, version, *COMPILER_FLAGS, _machine_signature()]).encode()
+        "\0".join([source, version, *flags, *libraries, _machine_signature()]).encode()
     ).hexdigest()[:16]
     directory = cache_directory() / "kernels"
     library = directory / f"fused_td-{key}.so"
+    failed = library.with_suffix(".failed")  # vector math only: it is allowed to fail
     if library.exists():
         return library
+    if failed.exists():
+        raise RuntimeError(failed.read_text())
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         source_path = Path(scratch) / "fused_td.cpp"
         source_path.write_text(source)
         built = Path(scratch) / library.name
         result = subprocess.run(
-            [compiler, *COMPILER_FLAGS, str(source_path), "-o", str(built)],
+            [compiler, *flags, str(source_path), "-o", str(built), *libraries],
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+            message = f"{compiler} failed: {result.stderr.strip()[-2000:]}"
+            if vector_math:  # remembered, so later processes go straight to the scalar build
+                failed.write_text(message)
+            raise RuntimeError(message)
         os.replace(built, library)  # atomic: concurrent builders never see half a file
     return library
+
+
+def _vector_math_possible() -> bool:
+    """Whether to try glibc's libmvec: x86-64 Linux only (its ABI names are per ISA)."""
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def _build_best(compiler: str) -> Path:
+    """The kernel with vector math where the toolchain has it, else without."""
+    if _vector_math_possible():
+        try:
+            return _build(compiler, vector_math=True)
+        except RuntimeError:
+            pass  # no libmvec: the scalar build below is the same kernel, slower gates
+    return _build(compiler)
 
 
 @functools.cache
@@ -342,7 +371,7 @@ def load_library() -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build_best(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         warnings.warn(

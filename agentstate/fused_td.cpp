@@ -37,9 +37,29 @@ using index = int64_t;
 enum Optimizer : index { SGD = 0, RMSPROP_TD = 1, ADAM = 2 };
 enum Gate : index { GATE_I = 0, GATE_F = 1, GATE_G = 2, GATE_O = 3, N_GATES = 4 };
 
+// exp and tanh that vectorise in `omp simd` loops: with AGENTSTATE_LIBMVEC (glibc's vector
+// math library, see agentstate/fused.py) the compiler calls its SIMD variants (<= 4 ulp);
+// otherwise these are the scalar libm functions.
+#ifdef AGENTSTATE_LIBMVEC
+extern "C" {
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+double exp(double);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#pragma omp declare simd notinbranch
+double tanh(double);
+}
+#endif
+inline float vector_exp(float a) { return expf(a); }
+inline double vector_exp(double a) { return exp(a); }
+inline float vector_tanh(float a) { return tanhf(a); }
+inline double vector_tanh(double a) { return tanh(a); }
+
 template <typename T>
 inline T sigmoid(T a) {
-  return T(1) / (T(1) + std::exp(-a));
+  return T(1) / (T(1) + vector_exp(-a));
 }
 
 template <typename T>
@@ -370,10 +390,16 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
   // update. A column's weights are read once for all streams.
   std::vector<T> h(B * n, T(0)), c(B * n, T(0));
   std::vector<T> stage_input;  // [B, d + sL]: x^ and the earlier columns' (normalised) states
+  std::vector<T> stage_input_by_entry;  // the same, transposed to [d + sL, B] (shared weights)
+  std::vector<T> feature_std;           // [P, sL]
   std::vector<ColumnStep<T>> steps(B * L);
   for (index s = 0; s <= active; ++s) {
     const index width = d + s * L, row_size = width + 2;
     stage_input.resize(B * width);
+    feature_std.resize(P * s * L);
+    if (col.normalize_features) {
+      for (index e = 0; e < P * s * L; ++e) feature_std[e] = std::sqrt(variances[s][e]);
+    }
     for (index b = 0; b < B; ++b) {
       const index p = P == 1 ? 0 : b;
       T* input = stage_input.data() + b * width;
@@ -381,43 +407,88 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
       for (index e = 0; e < s * L; ++e) {
         const T h_prev = h_carry[b * n + e];
         input[d + e] = col.normalize_features
-            ? (h_prev - means[s][p * s * L + e]) / std::sqrt(variances[s][p * s * L + e])
+            ? (h_prev - means[s][p * s * L + e]) / feature_std[p * s * L + e]
             : h_prev;
       }
     }
+    if (P == 1) {
+      stage_input_by_entry.resize(width * B);
+      for (index b = 0; b < B; ++b)
+        for (index i = 0; i < width; ++i) stage_input_by_entry[i * B + b] = stage_input[b * width + i];
+    }
+    // Per column: the pre-activations of every stream ([4, B]; with shared weights one
+    // multiply-add per weight and input covers all streams), then the gates of every stream
+    // in one vectorised loop.
     auto forward_columns = [&](index first_column, index last_column) {
+      std::vector<T> a(N_GATES * B), h_prev(B), c_prev(B), gates(6 * B);
+      T* i_gate = gates.data();
+      T* f_gate = i_gate + B;
+      T* candidate = f_gate + B;
+      T* o_gate = candidate + B;
+      T* c_new = o_gate + B;
+      T* tanh_c = c_new + B;
       for (index j = first_column; j < last_column; ++j) {
         const index column = s * L + j;
         for (index b = 0; b < B; ++b) {
-          const index p = P == 1 ? 0 : b;
-          const T* w = weights[s] + (p * L + j) * N_GATES * row_size;
-          const T h_prev = h_carry[b * n + column], c_prev = c_carry[b * n + column];
-          T a[N_GATES];
+          h_prev[b] = h_carry[b * n + column];
+          c_prev[b] = c_carry[b * n + column];
+        }
+        if (P == 1) {
+          const T* w = weights[s] + j * N_GATES * row_size;
           for (index k = 0; k < N_GATES; ++k) {
             const T* row = w + k * row_size;
-            a[k] = dot(row, stage_input.data() + b * width, width) + row[width] * h_prev +
-                   row[width + 1];
+            T* __restrict a_k = a.data() + k * B;
+            std::fill_n(a_k, B, T(0));
+            for (index i = 0; i < width; ++i) {
+              const T weight_i = row[i];
+              const T* __restrict x_i = stage_input_by_entry.data() + i * B;
+              for (index b = 0; b < B; ++b) a_k[b] += x_i[b] * weight_i;
+            }
+            for (index b = 0; b < B; ++b) a_k[b] = a_k[b] + row[width] * h_prev[b] + row[width + 1];
           }
-          T i_gate = sigmoid(a[GATE_I]), f_gate = sigmoid(a[GATE_F]);
-          T candidate = std::tanh(a[GATE_G]), o_gate = sigmoid(a[GATE_O]);
-          T c_new = f_gate * c_prev + i_gate * candidate;
-          T tanh_c = std::tanh(c_new);
-          h[b * n + column] = o_gate * tanh_c;
-          c[b * n + column] = c_new;
-          if (s != active) continue;
+        } else {
+          for (index b = 0; b < B; ++b) {
+            const T* w = weights[s] + (b * L + j) * N_GATES * row_size;
+            for (index k = 0; k < N_GATES; ++k) {
+              const T* row = w + k * row_size;
+              a[k * B + b] = dot(row, stage_input.data() + b * width, width) +
+                             row[width] * h_prev[b] + row[width + 1];
+            }
+          }
+        }
+        const T* __restrict a_i = a.data() + GATE_I * B;
+        const T* __restrict a_f = a.data() + GATE_F * B;
+        const T* __restrict a_g = a.data() + GATE_G * B;
+        const T* __restrict a_o = a.data() + GATE_O * B;
+#pragma omp simd
+        for (index b = 0; b < B; ++b) {
+          i_gate[b] = sigmoid(a_i[b]);
+          f_gate[b] = sigmoid(a_f[b]);
+          candidate[b] = vector_tanh(a_g[b]);
+          o_gate[b] = sigmoid(a_o[b]);
+          c_new[b] = f_gate[b] * c_prev[b] + i_gate[b] * candidate[b];
+          tanh_c[b] = vector_tanh(c_new[b]);
+        }
+        for (index b = 0; b < B; ++b) {
+          h[b * n + column] = o_gate[b] * tanh_c[b];
+          c[b * n + column] = c_new[b];
+        }
+        if (s != active) continue;
+        for (index b = 0; b < B; ++b) {
+          const T* w = weights[s] + ((P == 1 ? 0 : b) * L + j) * N_GATES * row_size;
           ColumnStep<T>& step = steps[b * L + j];
-          step.forget = f_gate;
-          step.kappa[GATE_I] = candidate * i_gate * (T(1) - i_gate);
-          step.kappa[GATE_F] = c_prev * f_gate * (T(1) - f_gate);
-          step.kappa[GATE_G] = i_gate * (T(1) - candidate * candidate);
+          step.forget = f_gate[b];
+          step.kappa[GATE_I] = candidate[b] * i_gate[b] * (T(1) - i_gate[b]);
+          step.kappa[GATE_F] = c_prev[b] * f_gate[b] * (T(1) - f_gate[b]);
+          step.kappa[GATE_G] = i_gate[b] * (T(1) - candidate[b] * candidate[b]);
           step.kappa[GATE_O] = 0;
           T dc_dh_prev = 0;
           for (index k = 0; k < N_GATES; ++k) dc_dh_prev += step.kappa[k] * w[k * row_size + width];
           step.dc_dh_prev = dc_dh_prev;
-          step.dh_doutput_preactivation = tanh_c * o_gate * (T(1) - o_gate);
+          step.dh_doutput_preactivation = tanh_c[b] * o_gate[b] * (T(1) - o_gate[b]);
           step.dh_dh_prev_output = step.dh_doutput_preactivation * w[GATE_O * row_size + width];
-          step.dh_dc = o_gate * (T(1) - tanh_c * tanh_c);
-          step.h_prev = h_prev;
+          step.dh_dc = o_gate[b] * (T(1) - tanh_c[b] * tanh_c[b]);
+          step.h_prev = h_prev[b];
         }
       }
     };
@@ -559,24 +630,39 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       std::copy_n(h_carry + b * n, n, z + d);
       z[d + n] = T(1);
       for (index r = 0; r < rows; ++r) a[r] = dot(weight + (p * rows + r) * m, z, m);
+      const T* __restrict a_i = a.data() + GATE_I * n;
+      const T* __restrict a_f = a.data() + GATE_F * n;
+      const T* __restrict a_g = a.data() + GATE_G * n;
+      const T* __restrict a_o = a.data() + GATE_O * n;
+      T* __restrict dc_da_b = dc_da + b * rows;
+      T* __restrict dh_da_b = dh_da + b * rows;
+      T* __restrict forget_b = forget + b * n;
+      T* __restrict dh_dc_b = dh_dc + b * n;
+      T* __restrict c_b = c_carry + b * n;
+      T* __restrict h_b = h_carry + b * n;
+#pragma omp simd
       for (index i = 0; i < n; ++i) {
-        T i_gate = sigmoid(a[GATE_I * n + i]), f_gate = sigmoid(a[GATE_F * n + i]);
-        T candidate = std::tanh(a[GATE_G * n + i]), o_gate = sigmoid(a[GATE_O * n + i]);
-        T c_prev = c_carry[b * n + i];
+        T i_gate = sigmoid(a_i[i]), f_gate = sigmoid(a_f[i]);
+        T candidate = vector_tanh(a_g[i]), o_gate = sigmoid(a_o[i]);
+        T c_prev = c_b[i];
         T c_new = f_gate * c_prev + i_gate * candidate;
-        T tanh_c = std::tanh(c_new);
+        T tanh_c = vector_tanh(c_new);
         T mu = o_gate * (T(1) - tanh_c * tanh_c);
-        T kappa[N_GATES] = {candidate * i_gate * (T(1) - i_gate), c_prev * f_gate * (T(1) - f_gate),
-                            i_gate * (T(1) - candidate * candidate), T(0)};
-        for (index k = 0; k < N_GATES; ++k) {
-          dc_da[(b * N_GATES + k) * n + i] = kappa[k];
-          dh_da[(b * N_GATES + k) * n + i] = mu * kappa[k];
-        }
-        dh_da[(b * N_GATES + GATE_O) * n + i] = tanh_c * o_gate * (T(1) - o_gate);
-        forget[b * n + i] = f_gate;
-        dh_dc[b * n + i] = mu;
-        c_carry[b * n + i] = c_new;
-        h_carry[b * n + i] = o_gate * tanh_c;
+        T kappa_i = candidate * i_gate * (T(1) - i_gate);
+        T kappa_f = c_prev * f_gate * (T(1) - f_gate);
+        T kappa_g = i_gate * (T(1) - candidate * candidate);
+        dc_da_b[GATE_I * n + i] = kappa_i;
+        dc_da_b[GATE_F * n + i] = kappa_f;
+        dc_da_b[GATE_G * n + i] = kappa_g;
+        dc_da_b[GATE_O * n + i] = T(0);
+        dh_da_b[GATE_I * n + i] = mu * kappa_i;
+        dh_da_b[GATE_F * n + i] = mu * kappa_f;
+        dh_da_b[GATE_G * n + i] = mu * kappa_g;
+        dh_da_b[GATE_O * n + i] = tanh_c * o_gate * (T(1) - o_gate);
+        forget_b[i] = f_gate;
+        dh_dc_b[i] = mu;
+        c_b[i] = c_new;
+        h_b[i] = o_gate * tanh_c;
       }
       steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
     }

@@ -319,3 +319,20 @@ def test_every_thread_count_gives_bitwise_the_same_steps(name, independent, monk
         assert runs[count][1].keys() == runs[1][1].keys()
         for label, tensor in runs[1][1].items():
             assert torch.equal(runs[count][1][label], tensor), f"{label} with {count} threads"
+
+
+def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, tmp_path):
+    if fused._compiler() is None or not fused._vector_math_possible():
+        pytest.skip("no C++ compiler, or no vector math library to do without on this platform")
+    monkeypatch.setattr(fused, "VECTOR_MATH_LIBRARIES", ("-lagentstate_no_such_library",))
+    monkeypatch.setenv("AGENTSTATE_CACHE_DIR", str(tmp_path))
+    fused.load_library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fused.FusedKernelWarning)  # no warning: a quiet fallback
+            assert fused.load_library() is not None
+        assert len(list((tmp_path / "kernels").glob("*.failed"))) == 1  # not retried next time
+        run_both("columnar", 40)
+        run_both("tbptt", 40)
+    finally:
+        fused.load_library.cache_clear()
