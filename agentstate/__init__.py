@@ -4,7 +4,7 @@ Importing the package registers the benchmark environments with Gymnasium
 (``agentstate/TraceConditioning-v0`` and friends).
 """
 
-from agentstate import envs  # noqa: F401  (registers the Gymnasium env ids)
+import agentstate.envs as envs  # noqa: F401  (registers the Gymnasium env ids)
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import StateLearner
 from agentstate.registry import LearnerSpec, available_learners, make_learner

@@ -19,7 +19,6 @@ its steps are chunked, so a resumed run writes the same ``metrics.csv`` as an un
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import io
@@ -153,15 +152,10 @@ class _MetricLog:
         return [self.learner, self.zero]
 
     def state_dict(self) -> dict[str, Any]:
-        """Sliding means and logged rows, for checkpoints.
-
-        ``SlidingMean`` has no ``state_dict``; its attributes are its whole state (what
-        pickle would save), so they are saved as they are and restored only into sliding
-        means with the same attributes and shapes.
-        """
+        """Sliding means and logged rows, for checkpoints."""
         streams = len(self.values()[0])
         return {
-            "sliding_means": [copy.deepcopy(vars(mean)) for mean in self._sliding_means()],
+            "sliding_means": [mean.state_dict() for mean in self._sliding_means()],
             "steps": [row[0] for row in self.rows],
             "learner": np.array([row[1] for row in self.rows]).reshape(-1, streams),
             "zero": np.array([row[2] for row in self.rows]).reshape(-1, streams),
@@ -169,32 +163,17 @@ class _MetricLog:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; everything is checked before anything is replaced."""
-        restored_means = []
-        for mean, saved in zip(self._sliding_means(), state["sliding_means"], strict=True):
-            current = vars(mean)
-            if set(saved) != set(current):
-                raise ValueError(
-                    f"saved sliding mean has attributes {sorted(saved)}, this version of "
-                    f"SlidingMean has {sorted(current)}"
-                )
-            restored = dict(saved)
-            for name, value in current.items():
-                if isinstance(value, np.ndarray):
-                    restored[name] = np.asarray(saved[name], dtype=value.dtype).copy()
-                    if restored[name].shape != value.shape:
-                        raise ValueError(
-                            f"saved sliding mean {name} has shape {restored[name].shape}, "
-                            f"expected {value.shape}"
-                        )
-            restored_means.append(restored)
+        means = self._sliding_means()
+        for mean, saved in zip(means, state["sliding_means"], strict=True):
+            SlidingMean(mean.window, mean.shape).load_state_dict(saved)  # raises if it differs
         learner_rows = np.asarray(state["learner"], dtype=np.float64).copy()
         zero_rows = np.asarray(state["zero"], dtype=np.float64).copy()
         rows = [
             (int(step), learner, zero)
             for step, learner, zero in zip(state["steps"], learner_rows, zero_rows, strict=True)
         ]
-        for mean, restored in zip(self._sliding_means(), restored_means, strict=True):
-            vars(mean).update(restored)
+        for mean, saved in zip(means, state["sliding_means"], strict=True):
+            mean.load_state_dict(saved)
         self.rows = rows
 
     def write_csv(self, path: Path) -> None:

@@ -36,3 +36,5 @@ def agentstate_learners() -> list[LearnerSpec]:
         One ``agentstate.LearnerSpec`` per learner: its unique name, the learner class,
         its config dataclass, and whether its gradient is exact.
     """
+    # pluggy reads a spec's signature and docstring only; its body never runs.
+    raise NotImplementedError

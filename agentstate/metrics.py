@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -315,6 +316,15 @@ class SlidingMean:
         >>> per_stream.value.tolist()
         [3.0, 30.0]
 
+        A checkpoint restores the mean exactly mid-stream:
+
+        >>> restored = SlidingMean(window=3)
+        >>> restored.load_state_dict(mean.state_dict())
+        >>> for sliding_mean in (mean, restored):
+        ...     sliding_mean.update(4.0)
+        >>> float(restored.value) == float(mean.value) == 17 / 3
+        True
+
     Args:
         window: number of most recent values averaged.
         shape: shape of one value, e.g. ``(B,)`` for one mean per stream; ``()`` for scalars.
@@ -325,7 +335,7 @@ class SlidingMean:
         if window < 1:
             raise ValueError(f"window must be at least 1; got {window}")
         self.window = int(window)
-        self.shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(size) for size in shape)
+        self.shape = tuple(int(size) for size in np.ravel(shape))
         self._ring = np.zeros((self.window, *self.shape))
         self._window_sum = np.zeros(self.shape)
         self._next_slot = 0
@@ -395,6 +405,76 @@ class SlidingMean:
                 self._recompute_sum()
         self._next_slot = (self._next_slot + n_values) % self.window
         self._n_seen += n_values
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue exactly, as copies.
+
+        The keys are the attribute names: checkpoints written before this method existed
+        saved the attributes themselves, so they load unchanged.
+
+        Returns:
+            ``window`` and ``shape`` (the settings, checked on load), ``_ring``
+            ``[window, *shape]`` and ``_window_sum`` ``[*shape]`` (float64 arrays), and the
+            counters ``_next_slot``, ``_n_seen`` and ``_updates_since_recompute`` (ints).
+        """
+        return {
+            "window": self.window,
+            "shape": self.shape,
+            "_ring": self._ring.copy(),
+            "_window_sum": self._window_sum.copy(),
+            "_next_slot": self._next_slot,
+            "_n_seen": self._n_seen,
+            "_updates_since_recompute": self._updates_since_recompute,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state_dict()``; everything is checked before anything is replaced.
+
+        Args:
+            state: a :meth:`state_dict` of a sliding mean with this ``window`` and ``shape``;
+                arrays may come back as tensors or other array-likes (as from a checkpoint).
+
+        Raises:
+            ValueError: if keys are missing or extra, the window or shape differ, an array
+                has the wrong shape, or a counter is out of range; the message says which.
+        """
+        expected_keys = self.state_dict().keys()
+        if state.keys() != expected_keys:
+            raise ValueError(
+                f"sliding mean state must have keys {sorted(expected_keys)}; got "
+                f"{sorted(state)}: pass what SlidingMean.state_dict() returned"
+            )
+        saved_window = int(state["window"])
+        saved_shape = tuple(int(size) for size in state["shape"])
+        if (saved_window, saved_shape) != (self.window, self.shape):
+            raise ValueError(
+                f"sliding mean state has window {saved_window} and shape "
+                f"{_shape_text(saved_shape)}, this mean window {self.window} and shape "
+                f"{_shape_text(self.shape)}: load it into SlidingMean(window={saved_window}, "
+                f"shape={saved_shape})"
+            )
+        ring = _float64_array("sliding mean state _ring", state["_ring"], self._ring.shape)
+        window_sum = _float64_array(
+            "sliding mean state _window_sum", state["_window_sum"], self.shape
+        )
+        next_slot, n_seen = int(state["_next_slot"]), int(state["_n_seen"])
+        updates_since_recompute = int(state["_updates_since_recompute"])
+        # Every value fills the next slot, and the sum is recomputed once a window is reached.
+        if n_seen < 0 or next_slot != n_seen % self.window:
+            raise ValueError(
+                f"sliding mean state has _n_seen {n_seen} and _next_slot {next_slot}, which "
+                f"must be _n_seen % {self.window}: the state is damaged"
+            )
+        if not 0 <= updates_since_recompute < self.window:
+            raise ValueError(
+                f"sliding mean state _updates_since_recompute must lie in [0, {self.window}); "
+                f"got {updates_since_recompute}: the state is damaged"
+            )
+        self._ring = ring.copy()
+        self._window_sum = window_sum.copy()
+        self._next_slot = next_slot
+        self._n_seen = n_seen
+        self._updates_since_recompute = updates_since_recompute
 
     def _recompute_sum(self) -> None:
         self._window_sum = self._ring.sum(axis=0)

@@ -122,7 +122,7 @@ class LearnerRegistry:
             for implementation in reversed(hook.get_hookimpls()):
                 distribution = self._plugin_distribution.get(id(implementation.plugin), "?")
                 try:
-                    specs = implementation.function()
+                    specs = _declared_specs(implementation.function())
                 except Exception as error:
                     self._report(implementation.plugin_name, distribution, error)
                     continue
@@ -145,6 +145,17 @@ class LearnerRegistry:
                 f"unknown learner {name!r}; known learners: {', '.join(sorted(learners))}"
             )
         return learners[name].spec
+
+
+def _declared_specs(declared: object) -> list[LearnerSpec]:
+    """What an ``agentstate_learners`` implementation returned, checked to be specs."""
+    if not isinstance(declared, list | tuple) or not all(
+        isinstance(spec, LearnerSpec) for spec in declared
+    ):
+        raise TypeError(
+            f"agentstate_learners must return a list of agentstate.LearnerSpec; got {declared!r}"
+        )
+    return list(declared)
 
 
 _REGISTRY: LearnerRegistry | None = None

@@ -1,3 +1,4 @@
+import copy
 import doctest
 import warnings
 
@@ -5,6 +6,7 @@ import numpy as np
 import pytest
 
 from agentstate import metrics
+from agentstate.checkpoint import load_checkpoint, save_checkpoint
 from agentstate.metrics import (
     EpisodeReturnScorer,
     SlidingMean,
@@ -305,6 +307,67 @@ def test_sliding_mean_rejects_bad_input():
     with pytest.raises(ValueError, match=r"values must have shape \[n, 2\]; got shape \[4, 3\]"):
         sliding_mean.update_many(np.zeros((4, 3)))
     assert sliding_mean.count == 0
+
+
+@pytest.mark.parametrize(("window", "shape"), [(5, ()), (5, (3,))])
+@pytest.mark.parametrize("through_checkpoint", [False, True])
+def test_sliding_mean_state_dict_round_trip_continues_identically(
+    tmp_path, window, shape, through_checkpoint
+):
+    history = np.random.default_rng(5).normal(size=(30, *shape))
+    original = SlidingMean(window, shape)
+    for value in history[:13]:  # mid-window: 3 updates since the sum was last recomputed
+        original.update(value)
+    assert original.state_dict()["_updates_since_recompute"] == 3
+    state = original.state_dict()
+    if through_checkpoint:  # arrays come back as tensors
+        save_checkpoint(tmp_path / "checkpoint.pt", {"run": "a"}, 13, state)
+        state = load_checkpoint(tmp_path / "checkpoint.pt", {"run": "a"})[1]
+    restored = SlidingMean(window, shape)
+    restored.load_state_dict(state)
+    assert restored.count == original.count
+    np.testing.assert_array_equal(restored.value, original.value)
+    for value in history[13:]:
+        original.update(value)
+        restored.update(value)
+        np.testing.assert_array_equal(restored.value, original.value)
+        assert restored.count == original.count
+
+
+def test_sliding_mean_state_dict_is_a_copy_and_loads_the_attributes_older_checkpoints_hold():
+    original = SlidingMean(4, (2,))
+    original.update_many(np.arange(12.0).reshape(6, 2))
+    legacy_state = copy.deepcopy(vars(original))  # what checkpoints saved before state_dict
+    state = original.state_dict()
+    original.update([100.0, 100.0])
+    np.testing.assert_array_equal(state["_ring"], legacy_state["_ring"])
+    restored = SlidingMean(4, (2,))
+    restored.load_state_dict(legacy_state)
+    restored.update([100.0, 100.0])
+    np.testing.assert_array_equal(restored.value, original.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda state: state.pop("_n_seen"), r"must have keys .*got .*state_dict\(\) returned"),
+        (lambda state: state.update(window=6), r"window 6 .* this mean window 5 .*window=6"),
+        (lambda state: state.update(shape=(2,)), r"shape \[2\], this mean .*shape \[\]"),
+        (lambda state: state.update(_ring=np.zeros(4)), r"_ring must have shape \[5\]"),
+        (lambda state: state.update(_next_slot=1), "_n_seen 3 and _next_slot 1"),
+        (lambda state: state.update(_updates_since_recompute=5), r"must lie in \[0, 5\)"),
+    ],
+)
+def test_sliding_mean_load_state_dict_refuses_a_mismatch_and_changes_nothing(change, message):
+    saved = SlidingMean(5)
+    saved.update_many([1.0, 2.0, 3.0])
+    state = saved.state_dict()
+    change(state)
+    sliding_mean = SlidingMean(5)
+    sliding_mean.update(7.0)
+    with pytest.raises(ValueError, match=message):
+        sliding_mean.load_state_dict(state)
+    assert sliding_mean.value == 7.0 and sliding_mean.count == 1
 
 
 # ---------------------------------------------------------------- mean_and_standard_error

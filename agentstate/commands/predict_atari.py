@@ -6,7 +6,11 @@ import argparse
 from typing import Any
 
 from agentstate.atari import AtariRunConfig
-from agentstate.commands.run import parse_key_values
+from agentstate.commands.options import (
+    add_experiment_options,
+    add_output_options,
+    experiment_config_kwargs,
+)
 
 DEFAULTS = AtariRunConfig()
 
@@ -38,50 +42,25 @@ def add_parser(verbs: Any) -> None:
         help="folder of <Game>NoFrameskip-v4.txt expert action files "
         "(default: $AGENTSTATE_ATARI_POLICIES)",
     )
-    parser.add_argument("--learner", default=DEFAULTS.learner, help="registered learner name")
-    parser.add_argument("--steps", type=int, default=DEFAULTS.steps, help="frames per stream")
-    parser.add_argument(
-        "--streams", type=int, default=None, help="streams, a multiple of the number of games"
+    add_experiment_options(
+        parser,
+        DEFAULTS,
+        steps_help="frames per stream",
+        streams_help="streams, a multiple of the number of games",
+        lr_help="learner step size",
+        gamma_help="discount",
+        msre_window_help="scored steps in the sliding MSRE (default: the paper's 500k)",
+        learner_kwarg_help="learner keyword argument, e.g. n_features=6 (repeatable)",
     )
-    parser.add_argument("--lr", type=float, default=DEFAULTS.step_size, help="learner step size")
-    parser.add_argument(
-        "--head-lr",
-        type=float,
-        default=None,
-        help="step size of the prediction head (default: --lr / number of head features)",
-    )
-    parser.add_argument("--gamma", type=float, default=DEFAULTS.gamma, help="discount")
-    parser.add_argument(
-        "--lambda", dest="lambda_", type=float, default=DEFAULTS.lambda_, help="trace decay"
-    )
-    parser.add_argument(
-        "--optimizer", default=DEFAULTS.optimizer, choices=["sgd", "rmsprop_td", "adam"]
-    )
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    parser.add_argument(
-        "--msre-window",
-        type=int,
-        default=DEFAULTS.msre_window,
-        help="scored steps in the sliding MSRE (default: the paper's 500k)",
-    )
-    parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every)
     parser.add_argument("--resolution", type=int, default=DEFAULTS.resolution)
     parser.add_argument(
         "--interpolation", default=DEFAULTS.interpolation, choices=["linear", "area"]
     )
-    parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=["float32", "float64"])
     parser.add_argument(
         "--threads",
         type=int,
         default=DEFAULTS.torch_threads,
         help="torch intra-op threads (default 1: fastest for these tiny tensors)",
-    )
-    parser.add_argument(
-        "--learner-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="learner keyword argument, e.g. n_features=6 (repeatable)",
     )
     parser.add_argument(
         "--sb3-model",
@@ -93,8 +72,7 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument(
         "--sb3-algorithm", default=DEFAULTS.sb3_algorithm, help="SB3 class of --sb3-model"
     )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_options(parser)
     parser.set_defaults(handler=handle)
 
 
@@ -105,24 +83,12 @@ def handle(args: argparse.Namespace) -> int:
     config = AtariRunConfig(
         games=args.games,
         policies_dir=args.policies,
-        learner=args.learner,
-        steps=args.steps,
-        streams=args.streams,
-        seed=args.seed,
-        step_size=args.lr,
-        head_step_size=args.head_lr,
-        gamma=args.gamma,
-        lambda_=args.lambda_,
-        optimizer=args.optimizer,
-        msre_window=args.msre_window,
-        log_every=args.log_every,
         resolution=args.resolution,
         interpolation=args.interpolation,
-        learner_kwargs=parse_key_values(args.learner_kwarg, "--learner-kwarg"),
         sb3_model=args.sb3_model,
         sb3_algorithm=args.sb3_algorithm,
-        dtype=args.dtype,
         torch_threads=args.threads,
+        **experiment_config_kwargs(args),
     )
     result = run_atari_prediction(config, args.out, progress=not args.no_progress)
     for b, game in enumerate(result.stream_games):

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import ast
-from collections.abc import Sequence
 from typing import Any
 
+from agentstate.commands.options import (
+    add_experiment_options,
+    add_output_options,
+    experiment_config_kwargs,
+    parse_key_values,
+)
 from agentstate.experiment import ENV_ALIASES, RunConfig, run_experiment
 
-
-def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``["n_features=7", "init_scale=0.1"]`` -> ``{"n_features": 7, "init_scale": 0.1}``.
-
-    Values are Python literals where they parse as one (numbers, booleans, tuples), else
-    strings.
-    """
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, separator, text = item.partition("=")
-        if not separator or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parsed[key] = text
-    return parsed
+DEFAULTS = RunConfig(env="")
+"""The option defaults; ``env`` is the positional argument and has none."""
 
 
 def add_parser(verbs: Any) -> None:
@@ -37,34 +26,20 @@ def add_parser(verbs: Any) -> None:
         "learning_curve.png into --out.",
     )
     run.add_argument("env", help=f"one of {', '.join(ENV_ALIASES)}, or any registered Gymnasium id")
-    run.add_argument("--learner", default="columnar", help="registered learner name")
-    run.add_argument("--steps", type=int, default=100_000, help="steps per stream")
-    run.add_argument("--streams", type=int, default=8, help="streams stepped together")
+    add_experiment_options(
+        run,
+        DEFAULTS,
+        steps_help="steps per stream",
+        streams_help="streams stepped together",
+        lr_help="step size of the learner",
+        gamma_help="discount (default: the env's)",
+        msre_window_help=None,
+        learner_kwarg_help="learner keyword argument, e.g. n_features=7 (repeatable)",
+    )
     run.add_argument(
         "--independent",
         action="store_true",
         help="one network per stream (B independent runs) instead of one shared network",
-    )
-    run.add_argument("--lr", type=float, default=0.01, help="step size of the learner")
-    run.add_argument(
-        "--head-lr",
-        type=float,
-        default=None,
-        help="step size of the prediction head (default: --lr / number of head features)",
-    )
-    run.add_argument("--gamma", type=float, default=None, help="discount (default: the env's)")
-    run.add_argument("--lambda", dest="lambda_", type=float, default=0.99, help="trace decay")
-    run.add_argument("--optimizer", default="rmsprop_td", choices=["sgd", "rmsprop_td", "adam"])
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--msre-window", type=int, default=10_000)
-    run.add_argument("--log-every", type=int, default=1_000)
-    run.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    run.add_argument(
-        "--learner-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="learner keyword argument, e.g. n_features=7 (repeatable)",
     )
     run.add_argument(
         "--env-kwarg",
@@ -86,8 +61,7 @@ def add_parser(verbs: Any) -> None:
         help="continue from OUT/checkpoint.pt if there is one (same settings required); "
         "without one the run starts from step 0",
     )
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_options(run)
     run.set_defaults(handler=handle)
 
 
@@ -95,21 +69,9 @@ def handle(args: argparse.Namespace) -> int:
     """Run one prediction experiment."""
     config = RunConfig(
         env=args.env,
-        learner=args.learner,
-        steps=args.steps,
-        streams=args.streams,
         independent=args.independent,
-        seed=args.seed,
-        step_size=args.lr,
-        head_step_size=args.head_lr,
-        gamma=args.gamma,
-        lambda_=args.lambda_,
-        optimizer=args.optimizer,
-        msre_window=args.msre_window,
-        log_every=args.log_every,
-        learner_kwargs=parse_key_values(args.learner_kwarg, "--learner-kwarg"),
         env_kwargs=parse_key_values(args.env_kwarg, "--env-kwarg"),
-        dtype=args.dtype,
+        **experiment_config_kwargs(args),
     )
     result = run_experiment(
         config,

@@ -1,12 +1,13 @@
 """The eLSTM learner: exact element-wise RTRL checked against autograd BPTT (the oracle)."""
 
+import exactness
 import pytest
 import torch
-from oracle import bptt_gradient, relative_error
+from exactness import INPUTS, STREAMS
 
 import agentstate
 
-STREAMS, INPUTS, CELLS, STEPS = 3, 5, 4, 25
+CELLS = 4
 PARAM_SHAPES = {
     "gate_input_weight": (2, CELLS, INPUTS),
     "gate_cell_weight": (2, CELLS),
@@ -17,44 +18,15 @@ PARAM_SHAPES = {
 
 
 def make(independent: bool, **kwargs):
-    return agentstate.make_learner(
-        "elstm",
-        INPUTS,
-        streams=STREAMS,
-        independent_params=independent,
-        dtype=torch.float64,
-        seed=1,
-        n_features=CELLS,
-        init_std=0.8,
-        **kwargs,
+    return exactness.make_float64_learner(
+        "elstm", independent, n_features=CELLS, init_std=0.8, **kwargs
     )
 
 
 @pytest.mark.parametrize("independent", [False, True])
 @pytest.mark.parametrize("with_resets", [False, True])
 def test_grad_equals_bptt_through_the_whole_sequence(independent, with_resets):
-    learner = make(independent)
-    generator = torch.Generator().manual_seed(7)
-    inputs = torch.randn(STEPS, STREAMS, INPUTS, generator=generator, dtype=torch.float64)
-    resets = (
-        {6: torch.tensor([True, False, False]), 15: torch.tensor([False, True, True])}
-        if with_resets
-        else {}
-    )
-    params = {k: p.clone() for k, p in learner.params.items()}
-    for t in range(STEPS):
-        if t in resets:
-            learner.reset(resets[t])
-        learner.step(inputs[t])
-        if t % 4 == 3 or t == STEPS - 1:
-            v = torch.randn(STREAMS, CELLS, generator=generator, dtype=torch.float64)
-            truth = bptt_gradient(learner, params, inputs[: t + 1], v, resets)
-            estimate = learner.grad(v)
-            assert estimate.keys() == truth.keys() == PARAM_SHAPES.keys()
-            for key in truth:
-                assert estimate[key].shape == (STREAMS, *PARAM_SHAPES[key])
-                assert truth[key].abs().max() > 1e-3  # a non-trivial gradient
-                assert relative_error(estimate[key], truth[key]) <= 1e-9, key
+    exactness.assert_grad_equals_bptt(make(independent), PARAM_SHAPES, with_resets=with_resets)
 
 
 def test_grad_right_after_a_reset_is_zero_for_the_reset_streams():
@@ -71,13 +43,7 @@ def test_grad_right_after_a_reset_is_zero_for_the_reset_streams():
 
 
 def test_functional_step_computes_the_same_state_as_step():
-    learner = make(independent=True)
-    inputs = torch.randn(10, STREAMS, INPUTS, dtype=torch.float64)
-    carry = learner.initial_carry()
-    for x in inputs:
-        carry, h_functional = learner.functional_step(learner.params, carry, x)
-        h = learner.step(x)
-        torch.testing.assert_close(h, h_functional, rtol=0, atol=0)
+    exactness.assert_functional_step_computes_the_same_state_as_step(make(independent=True))
 
 
 def test_shared_params_have_one_copy_independent_params_one_per_stream():
@@ -97,19 +63,7 @@ def test_seed_makes_initialisation_reproducible():
 
 
 def test_state_dict_round_trip_continues_identically():
-    learner = make(False)
-    inputs = torch.randn(8, STREAMS, INPUTS, dtype=torch.float64)
-    for x in inputs[:4]:
-        learner.step(x)
-    clone = make(False)
-    clone.load_state_dict(learner.state_dict())
-    v = torch.randn(STREAMS, CELLS, dtype=torch.float64)
-    for key, grad in learner.grad(v).items():
-        torch.testing.assert_close(clone.grad(v)[key], grad, rtol=0, atol=0)
-    for x in inputs[4:]:
-        torch.testing.assert_close(clone.step(x), learner.step(x), rtol=0, atol=0)
-    for key, grad in learner.grad(v).items():
-        torch.testing.assert_close(clone.grad(v)[key], grad, rtol=0, atol=0)
+    exactness.assert_state_dict_round_trip_continues_identically(make(False), make(False))
 
 
 def test_state_dict_of_another_shape_is_refused():
