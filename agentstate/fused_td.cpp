@@ -727,10 +727,13 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
         for (index age = 0; age < ages; ++age) {
           const index slot = age * B + b;
           T* adjoint_a = adjoint.data() + age * rows;
-          for (index r = 0; r < rows; ++r) {
-            const index i = r % n;
-            adjoint_a[r] = adjoint_h[i] * dh_da[slot * rows + r] + adjoint_c[i] * dc_da[slot * rows + r];
+          for (index k = 0; k < N_GATES; ++k) {
+            const T* __restrict dh = dh_da + slot * rows + k * n;
+            const T* __restrict dc = dc_da + slot * rows + k * n;
+            T* __restrict adjoint_k = adjoint_a + k * n;
+            for (index i = 0; i < n; ++i) adjoint_k[i] = adjoint_h[i] * dh[i] + adjoint_c[i] * dc[i];
           }
+          // next_h = U^T adjoint_a, summed over rows in order.
           std::fill(next_h.begin(), next_h.end(), T(0));
           for (index r = 0; r < rows; ++r) {
             const T* __restrict u = weight + (p * rows + r) * m + d;

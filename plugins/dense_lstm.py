@@ -114,6 +114,23 @@ class StateJacobian(NamedTuple):
     """Diagonal ``f``: ``[B, n]``."""
 
 
+def batched_matvec(matrix: Tensor, vector: Tensor) -> Tensor:
+    """``matrix @ vector`` per stream, with the matrix shared or per stream.
+
+    Args:
+        matrix: ``[P, R, K]`` with ``P`` 1 (shared) or ``B``; any strides a view may have.
+        vector: ``[B, K]``.
+
+    Returns:
+        ``[B, R]``. A shared matrix is one matrix product for all streams: broadcasting it
+        over the streams instead would copy it ``B`` times.
+
+    """
+    if matrix.shape[0] == 1:
+        return vector @ matrix[0].transpose(0, 1)
+    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
 def cell_forward(weight: Tensor, carry: Carry, x: Tensor) -> CellActivations:
     """One dense LSTM step.
 
@@ -130,12 +147,14 @@ def cell_forward(weight: Tensor, carry: Carry, x: Tensor) -> CellActivations:
     streams, n_units = h_prev.shape
     cell_input = torch.cat([x, h_prev, torch.ones_like(h_prev[:, :1])], dim=1)
     flat_weight = weight.reshape(weight.shape[0], N_GATES * n_units, -1)
-    preactivation = (flat_weight @ cell_input.unsqueeze(-1)).view(streams, N_GATES, n_units)
-    input_gate = torch.sigmoid(preactivation[:, GATE_I])
-    forget_gate = torch.sigmoid(preactivation[:, GATE_F])
+    preactivation = batched_matvec(flat_weight, cell_input).view(streams, N_GATES, n_units)
+    # One sigmoid over all four gates (the candidate's slot unused): fewer kernel launches.
+    sigmoid_gates = torch.sigmoid(preactivation)
+    input_gate = sigmoid_gates[:, GATE_I]
+    forget_gate = sigmoid_gates[:, GATE_F]
+    output_gate = sigmoid_gates[:, GATE_O]
     candidate = torch.tanh(preactivation[:, GATE_G])
-    output_gate = torch.sigmoid(preactivation[:, GATE_O])
-    c = forget_gate * c_prev + input_gate * candidate
+    c = torch.addcmul(forget_gate * c_prev, input_gate, candidate)
     tanh_c = torch.tanh(c)
     h = output_gate * tanh_c
     return CellActivations(
@@ -159,7 +178,7 @@ def cell_derivatives(activations: CellActivations) -> CellDerivatives:
     )
     dh_dc = output_gate * (1 - tanh_c * tanh_c)
     dh_dpreactivation = dh_dc.unsqueeze(1) * dc_dpreactivation
-    dh_dpreactivation[:, GATE_O] = tanh_c * output_gate * (1 - output_gate)
+    torch.mul(tanh_c * output_gate, 1 - output_gate, out=dh_dpreactivation[:, GATE_O])
     return CellDerivatives(dc_dpreactivation, dh_dpreactivation, forget_gate, dh_dc)
 
 
@@ -212,6 +231,39 @@ def apply_state_jacobian(
     return next_h.view(tangent_h.shape), next_c.view(tangent_c.shape)
 
 
+def state_jvp(
+    derivatives: CellDerivatives, recurrent: Tensor, tangent_h: Tensor, tangent_c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Push one tangent of ``(h, c)_t-1`` forward to ``(h, c)_t`` without forming the Jacobian.
+
+    ``(dc_t/dh_t-1) t = sum_k kappa_k (U_k t)`` (and likewise for ``h``): one product with
+    ``U`` per step, never the ``[B, n, n]`` blocks of ``state_jacobian``.
+
+    Args:
+        derivatives: the step's local derivatives.
+        recurrent: ``U: [P, 4, n, n]`` (``recurrent_weight``).
+        tangent_h: ``[B, n]``.
+        tangent_c: ``[B, n]``.
+
+    Returns:
+        ``(tangent_h, tangent_c)`` at ``t``, each ``[B, n]``.
+
+    """
+    streams, n_units = tangent_h.shape
+    flat_recurrent = recurrent.reshape(recurrent.shape[0], N_GATES * n_units, n_units)
+    recurrent_tangent = batched_matvec(flat_recurrent, tangent_h).view(streams, N_GATES, n_units)
+    dh_dc_prev = derivatives.dh_dc * derivatives.dc_dc_prev
+    next_h = torch.addcmul(
+        (derivatives.dh_dpreactivation * recurrent_tangent).sum(1), dh_dc_prev, tangent_c
+    )
+    next_c = torch.addcmul(
+        (derivatives.dc_dpreactivation * recurrent_tangent).sum(1),
+        derivatives.dc_dc_prev,
+        tangent_c,
+    )
+    return next_h, next_c
+
+
 def apply_state_jacobian_transpose(
     jacobian: StateJacobian, adjoint_h: Tensor, adjoint_c: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -251,6 +303,27 @@ def immediate_jacobian(derivatives: CellDerivatives, cell_input: Tensor) -> tupl
     )
 
 
+def preactivation_vjp(
+    derivatives: CellDerivatives, adjoint_h: Tensor, adjoint_c: Tensor
+) -> Tensor:
+    """``adjoint_h . dh_t/da + adjoint_c . dc_t/da``, per gate and unit.
+
+    Args:
+        derivatives: the step's local derivatives.
+        adjoint_h: ``[B, n]``.
+        adjoint_c: ``[B, n]``.
+
+    Returns:
+        ``[B, 4, n]``; times ``z_m`` it is the parameter VJP (``parameter_vjp``).
+
+    """
+    return torch.addcmul(
+        adjoint_h.unsqueeze(1) * derivatives.dh_dpreactivation,
+        adjoint_c.unsqueeze(1),
+        derivatives.dc_dpreactivation,
+    )
+
+
 def parameter_vjp(
     derivatives: CellDerivatives, cell_input: Tensor, adjoint_h: Tensor, adjoint_c: Tensor
 ) -> Tensor:
@@ -266,10 +339,7 @@ def parameter_vjp(
         ``[B, 4, n, d + n + 1]``, shaped like the weight.
 
     """
-    adjoint_preactivation = (
-        adjoint_h.unsqueeze(1) * derivatives.dh_dpreactivation
-        + adjoint_c.unsqueeze(1) * derivatives.dc_dpreactivation
-    )
+    adjoint_preactivation = preactivation_vjp(derivatives, adjoint_h, adjoint_c)
     return adjoint_preactivation.unsqueeze(-1) * cell_input[:, None, None, :]
 
 

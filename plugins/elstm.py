@@ -82,7 +82,9 @@ class ELSTMLearner(StateLearner):
     Carry: ``(c,)`` with ``c: [B, N]``. Credit-assignment memory: the cell sensitivities
     ``sensitivity_input_weight: [B, 2, N, D]``, ``sensitivity_cell_weight`` and
     ``sensitivity_bias: [B, 2, N]``, plus this step's ``output_gate: [B, N]`` and
-    ``last_input: [B, D]``.
+    ``last_input: [B, D]``. The three sensitivities are views of one buffer ``sensitivity:
+    [B, 2, N, D + 2]`` (row ``n`` of gate ``g``: the sensitivity to ``[W_g[n], w_g[n], b_g[n]]``),
+    so one scaling by ``D_t`` and one product with ``v`` serve all three.
 
     Example:
         >>> import torch, agentstate
@@ -109,13 +111,15 @@ class ELSTMLearner(StateLearner):
         }
         self.params = {key: self._initial(shape) for key, shape in shapes.items()}
         self.carry = self.initial_carry()
-        self.sensitivity_input_weight = self._zeros(
-            (self.streams, N_CELL_GATES, n_cells, input_size)
-        )
-        self.sensitivity_cell_weight = self._zeros((self.streams, N_CELL_GATES, n_cells))
-        self.sensitivity_bias = self._zeros((self.streams, N_CELL_GATES, n_cells))
+        # [B, 2, N, D + 2]: columns D and D + 1 are w_g's and b_g's (see the class docstring).
+        sensitivity = self._zeros((self.streams, N_CELL_GATES, n_cells, input_size + 2))
+        self.sensitivity = sensitivity
+        self.sensitivity_input_weight = sensitivity[..., :input_size]
+        self.sensitivity_cell_weight = sensitivity[..., input_size]
+        self.sensitivity_bias = sensitivity[..., input_size + 1]
         self.output_gate = self._zeros((self.streams, n_cells))
         self.last_input = self._zeros((self.streams, input_size))
+        self._dc_dpreactivation = self._zeros((self.streams, N_CELL_GATES, n_cells))
 
     def _initial(self, shape: tuple[int, ...]) -> Tensor:
         initial = torch.empty(shape, dtype=torch.float64).normal_(
@@ -145,20 +149,18 @@ class ELSTMLearner(StateLearner):
             ``(z, f, c, o, h)``, each ``[B, N]``.
 
         """
+        streams = x.shape[0]
         input_weight = params["gate_input_weight"]
-        from_input = (input_weight.flatten(1, 2) @ x.unsqueeze(-1)).view(
-            x.shape[0], N_CELL_GATES, self.n_features
-        )
-        preactivation = (
-            from_input + params["gate_cell_weight"] * c_prev.unsqueeze(1) + params["gate_bias"]
-        )
+        from_input = batched_affine(
+            input_weight.flatten(1, 2), params["gate_bias"].flatten(1), x
+        ).view(streams, N_CELL_GATES, self.n_features)
+        preactivation = torch.addcmul(from_input, params["gate_cell_weight"], c_prev.unsqueeze(1))
         candidate = torch.tanh(preactivation[:, GATE_Z])
         forget_gate = torch.sigmoid(preactivation[:, GATE_F])
-        c = forget_gate * c_prev + (1 - forget_gate) * candidate
+        c = torch.lerp(candidate, c_prev, forget_gate)  # f c_t-1 + (1 - f) z
         output_input = torch.cat([x, c], dim=1)
         output_gate = torch.sigmoid(
-            (params["output_weight"] @ output_input.unsqueeze(-1)).squeeze(-1)
-            + params["output_bias"]
+            batched_affine(params["output_weight"], params["output_bias"], output_input)
         )
         return candidate, forget_gate, c, output_gate, output_gate * c
 
@@ -175,25 +177,24 @@ class ELSTMLearner(StateLearner):
         (c_prev,) = self.carry
         candidate, forget_gate, c, output_gate, h = self._cell(self.params, c_prev, x)
 
-        dc_dpreactivation = torch.stack(
-            [
-                (1 - forget_gate) * (1 - candidate * candidate),
-                (c_prev - candidate) * forget_gate * (1 - forget_gate),
-            ],
-            dim=1,
+        kappa = self._dc_dpreactivation
+        one_minus_forget = 1 - forget_gate
+        torch.mul(one_minus_forget, 1 - candidate * candidate, out=kappa[:, GATE_Z])
+        torch.mul((c_prev - candidate) * forget_gate, one_minus_forget, out=kappa[:, GATE_F])
+        cell_weight = self.params["gate_cell_weight"]
+        dc_dc_prev = torch.addcmul(
+            torch.addcmul(forget_gate, kappa[:, GATE_Z], cell_weight[:, GATE_Z]),
+            kappa[:, GATE_F],
+            cell_weight[:, GATE_F],
         )
-        dc_dc_prev = forget_gate + (dc_dpreactivation * self.params["gate_cell_weight"]).sum(1)
-        decay = dc_dc_prev.unsqueeze(1)  # [B, 1, N]: the same for both gates
-        self.sensitivity_input_weight = (
-            decay.unsqueeze(-1) * self.sensitivity_input_weight
-            + dc_dpreactivation.unsqueeze(-1) * x[:, None, None, :]
-        )
-        self.sensitivity_cell_weight = (
-            decay * self.sensitivity_cell_weight + dc_dpreactivation * c_prev.unsqueeze(1)
-        )
-        self.sensitivity_bias = decay * self.sensitivity_bias + dc_dpreactivation
+        # S_t = D_t S_t-1 + kappa_g [x_t; c_t-1; 1]^T: one scaling of all three, then each term.
+        self.sensitivity.mul_(dc_dc_prev[:, None, :, None])
+        self.sensitivity_input_weight.addcmul_(kappa.unsqueeze(-1), x[:, None, None, :])
+        self.sensitivity_cell_weight.addcmul_(kappa, c_prev.unsqueeze(1))
+        self.sensitivity_bias.add_(kappa)
 
-        self.output_gate, self.last_input = output_gate, x.clone()
+        self.output_gate = output_gate
+        self.last_input.copy_(x)
         self.carry = (c,)
         return h
 
@@ -202,13 +203,14 @@ class ELSTMLearner(StateLearner):
         output_gate = self.output_gate
         v_output_preactivation = v * output_gate * (1 - output_gate) * c
         cell_weight_of_output = self.params["output_weight"][..., self.input_size :]
-        v_through_output_gate = v_output_preactivation.unsqueeze(1) @ cell_weight_of_output
-        v_cell = v_through_output_gate.squeeze(1) + v * output_gate
-        v_cell_per_gate = v_cell.unsqueeze(1)
+        v_cell = batched_affine(
+            cell_weight_of_output.transpose(1, 2), v * output_gate, v_output_preactivation
+        )
+        gradient = v_cell[:, None, :, None] * self.sensitivity
         return {
-            "gate_input_weight": v_cell_per_gate.unsqueeze(-1) * self.sensitivity_input_weight,
-            "gate_cell_weight": v_cell_per_gate * self.sensitivity_cell_weight,
-            "gate_bias": v_cell_per_gate * self.sensitivity_bias,
+            "gate_input_weight": gradient[..., : self.input_size],
+            "gate_cell_weight": gradient[..., self.input_size],
+            "gate_bias": gradient[..., self.input_size + 1],
             "output_weight": v_output_preactivation.unsqueeze(-1)
             * torch.cat([self.last_input, c], dim=1).unsqueeze(1),
             "output_bias": v_output_preactivation,
@@ -226,6 +228,23 @@ class ELSTMLearner(StateLearner):
             "output_gate": self.output_gate,
             "last_input": self.last_input,
         }
+
+
+def batched_affine(matrix: Tensor, offset: Tensor, vector: Tensor) -> Tensor:
+    """``offset + matrix @ vector`` per stream, in one kernel.
+
+    Args:
+        matrix: ``[P, R, K]`` with ``P`` 1 (shared) or ``B``.
+        offset: ``[P, R]`` or ``[B, R]``.
+        vector: ``[B, K]``.
+
+    Returns:
+        ``[B, R]``. A shared matrix is one matrix product for all streams.
+
+    """
+    if matrix.shape[0] == 1:
+        return torch.addmm(offset, vector, matrix[0].transpose(0, 1))
+    return torch.baddbmm(offset.unsqueeze(-1), matrix, vector.unsqueeze(-1)).squeeze(-1)
 
 
 @hookimpl

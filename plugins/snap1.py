@@ -41,9 +41,7 @@ from .dense_lstm import (
     DenseLSTMLearner,
     cell_derivatives,
     cell_forward,
-    immediate_jacobian,
     recurrent_weight,
-    state_jacobian,
 )
 
 
@@ -69,6 +67,8 @@ class SnAp1Learner(DenseLSTMLearner):
     masked-out recurrent entries start at 0 and receive zero gradient. Credit-assignment
     memory: ``sensitivity_h`` and ``sensitivity_c``, both ``[B, 4, n, input_size + n + 1]``,
     and ``weight_mask: [1, 1, n, input_size + n + 1]`` (the fixed connection mask ``M``).
+    Each step updates them in place, in a work space allocated once (one more sensitivity
+    and ``z_m M[i, m]: [B, 1, n, input_size + n + 1]``), so no step allocates at their size.
 
     ``exact`` is False: SnAp-1 is exact only at ``connection_density=0``.
 
@@ -97,6 +97,9 @@ class SnAp1Learner(DenseLSTMLearner):
         self.params["weight"].mul_(self.weight_mask)
         self.sensitivity_h = self._zeros(self.streams, *self.weight_shape)
         self.sensitivity_c = self._zeros(self.streams, *self.weight_shape)
+        # Work space of the in-place update: the next S^c, then swapped with the last one.
+        self._next_sensitivity_c = self._zeros(self.streams, *self.weight_shape)
+        self._masked_input = self._zeros(self.streams, 1, *self.weight_shape[1:])
 
     def functional_step(
         self, params: Mapping[str, Tensor], carry: Carry, x: Tensor
@@ -108,30 +111,33 @@ class SnAp1Learner(DenseLSTMLearner):
         weight = self.params["weight"] * self.weight_mask
         activations = cell_forward(weight, self.carry, x)
         derivatives = cell_derivatives(activations)
-        jacobian = state_jacobian(derivatives, recurrent_weight(weight, self.input_size))
-        dh_dh_prev_own = jacobian.dh_dh_prev.diagonal(dim1=1, dim2=2)[:, None, :, None]
-        dc_dh_prev_own = jacobian.dc_dh_prev.diagonal(dim1=1, dim2=2)[:, None, :, None]
-        dh_dc_prev_own = jacobian.dh_dc_prev[:, None, :, None]
-        dc_dc_prev_own = jacobian.dc_dc_prev[:, None, :, None]
-        dh_dweight, dc_dweight = immediate_jacobian(derivatives, activations.cell_input)
+        # The diagonal of the state Jacobian: (dh_t/dh_t-1)_ii = sum_k (dh_t/da_k)_i U_k[i, i].
+        own_recurrent = recurrent_weight(weight, self.input_size).diagonal(dim1=2, dim2=3)
+        dh_dh_prev_own = (derivatives.dh_dpreactivation * own_recurrent).sum(1)
+        dc_dh_prev_own = (derivatives.dc_dpreactivation * own_recurrent).sum(1)
+        dh_dc_prev_own = derivatives.dh_dc * derivatives.dc_dc_prev
 
-        sensitivity_h = (
-            dh_dh_prev_own * self.sensitivity_h
-            + dh_dc_prev_own * self.sensitivity_c
-            + dh_dweight * self.weight_mask
+        # z_m M[i, m]: [B, 1, n, d + n + 1]. The immediate term (dh_t/da_k)_i z_m M[i, m] is
+        # never formed: addcmul_ broadcasts its [B, 4, n, 1] and [B, 1, n, d + n + 1] factors.
+        masked_input = torch.mul(
+            activations.cell_input[:, None, None, :], self.weight_mask, out=self._masked_input
         )
-        sensitivity_c = (
-            dc_dh_prev_own * self.sensitivity_h
-            + dc_dc_prev_own * self.sensitivity_c
-            + dc_dweight * self.weight_mask
+        sensitivity_h, sensitivity_c = self.sensitivity_h, self.sensitivity_c
+        next_sensitivity_c = torch.mul(
+            sensitivity_h, _per_unit(dc_dh_prev_own), out=self._next_sensitivity_c
         )
+        next_sensitivity_c.addcmul_(sensitivity_c, _per_unit(derivatives.dc_dc_prev))
+        next_sensitivity_c.addcmul_(derivatives.dc_dpreactivation.unsqueeze(-1), masked_input)
+        sensitivity_h.mul_(_per_unit(dh_dh_prev_own))
+        sensitivity_h.addcmul_(sensitivity_c, _per_unit(dh_dc_prev_own))
+        sensitivity_h.addcmul_(derivatives.dh_dpreactivation.unsqueeze(-1), masked_input)
 
-        self.sensitivity_h, self.sensitivity_c = sensitivity_h, sensitivity_c
+        self.sensitivity_c, self._next_sensitivity_c = next_sensitivity_c, sensitivity_c
         self.carry = (activations.h, activations.c)
         return activations.h
 
     def _grad(self, v: Tensor) -> dict[str, Tensor]:
-        return {"weight": v[:, None, :, None] * self.sensitivity_h}
+        return {"weight": _per_unit(v) * self.sensitivity_h}
 
     def _reset_credit(self, mask: Tensor) -> None:
         self.sensitivity_h[mask] = 0.0
@@ -144,6 +150,11 @@ class SnAp1Learner(DenseLSTMLearner):
             "sensitivity_c": self.sensitivity_c,
             "weight_mask": self.weight_mask,
         }
+
+
+def _per_unit(values: Tensor) -> Tensor:
+    """View ``[B, n]`` per-unit values as ``[B, 1, n, 1]``, to scale a sensitivity row-wise."""
+    return values[:, None, :, None]
 
 
 @hookimpl

@@ -40,12 +40,11 @@ from agentstate.registry import LearnerSpec
 from .dense_lstm import (
     DenseLSTMConfig,
     DenseLSTMLearner,
-    apply_state_jacobian,
     cell_derivatives,
     cell_forward,
-    parameter_vjp,
+    preactivation_vjp,
     recurrent_weight,
-    state_jacobian,
+    state_jvp,
 )
 
 
@@ -98,25 +97,32 @@ class UOROLearner(DenseLSTMLearner):
         weight = self.params["weight"]
         activations = cell_forward(weight, self.carry, x)
         derivatives = cell_derivatives(activations)
-        jacobian = state_jacobian(derivatives, recurrent_weight(weight, self.input_size))
 
-        pushed_h, pushed_c = apply_state_jacobian(
-            jacobian, self.state_tangent_h, self.state_tangent_c
+        pushed_h, pushed_c = state_jvp(
+            derivatives,
+            recurrent_weight(weight, self.input_size),
+            self.state_tangent_h,
+            self.state_tangent_c,
         )
         noise_h, noise_c = self._random_signs().chunk(2, dim=1)
-        noise_vjp = parameter_vjp(derivatives, activations.cell_input, noise_h, noise_c)
+        # dW = a (x) z with a = nu . d(h, c)_t/da: [B, 4, n]; never formed, |dW| = |a| |z|.
+        noise_preactivation = preactivation_vjp(derivatives, noise_h, noise_c)
+        cell_input = activations.cell_input
+        noise_vjp_norm = noise_preactivation.flatten(1).norm(dim=1) * cell_input.norm(dim=1)
 
         pushed_norm = torch.cat([pushed_h, pushed_c], dim=1).norm(dim=1)
         parameter_tangent_norm = self.parameter_tangent.flatten(1).norm(dim=1)
         noise_norm = math.sqrt(2 * self.n_features)
         rho_0 = (parameter_tangent_norm / (pushed_norm + epsilon)).sqrt() + epsilon
-        rho_1 = (noise_vjp.flatten(1).norm(dim=1) / (noise_norm + epsilon)).sqrt() + epsilon
+        rho_1 = (noise_vjp_norm / (noise_norm + epsilon)).sqrt() + epsilon
 
-        self.state_tangent_h = rho_0[:, None] * pushed_h + rho_1[:, None] * noise_h
-        self.state_tangent_c = rho_0[:, None] * pushed_c + rho_1[:, None] * noise_c
-        self.parameter_tangent = (
-            self.parameter_tangent / rho_0[:, None, None, None]
-            + noise_vjp / rho_1[:, None, None, None]
+        self.state_tangent_h = torch.addcmul(rho_0[:, None] * pushed_h, rho_1[:, None], noise_h)
+        self.state_tangent_c = torch.addcmul(rho_0[:, None] * pushed_c, rho_1[:, None], noise_c)
+        # W~_t = W~_t-1 / rho_0 + (a / rho_1) (x) z, in place.
+        self.parameter_tangent.div_(rho_0[:, None, None, None])
+        self.parameter_tangent.addcmul_(
+            (noise_preactivation / rho_1[:, None, None]).unsqueeze(-1),
+            cell_input[:, None, None, :],
         )
         self.carry = (activations.h, activations.c)
         return activations.h
