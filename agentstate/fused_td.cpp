@@ -595,6 +595,38 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
 }
 
 // ------------------------------------------------------------------ dense LSTM, T-BPTT
+// e = decay e + sum_age scale_age z_age for one weight row, the sum over ages (newest first)
+// held in registers: `AGES` is a compile-time count so the loop over the row vectorises.
+constexpr index MAX_UNROLLED_AGES = 8;
+
+template <index AGES, typename T>
+inline void add_window_gradient_unrolled(T* __restrict e, T decay, const T* scale, index stride,
+                                         const T* const* inputs, index m) {
+  T s[AGES];
+  for (index age = 0; age < AGES; ++age) s[age] = scale[age * stride];
+#pragma omp simd
+  for (index i = 0; i < m; ++i) {
+    T gradient = s[0] * inputs[0][i];
+    for (index age = 1; age < AGES; ++age) gradient += s[age] * inputs[age][i];
+    e[i] = e[i] * decay + gradient;
+  }
+}
+
+template <typename T>
+inline void add_window_gradient(T* e, T decay, const T* scale, index stride,
+                                const T* const* inputs, index ages, index m) {
+  switch (ages) {
+    case 1: return add_window_gradient_unrolled<1>(e, decay, scale, stride, inputs, m);
+    case 2: return add_window_gradient_unrolled<2>(e, decay, scale, stride, inputs, m);
+    case 3: return add_window_gradient_unrolled<3>(e, decay, scale, stride, inputs, m);
+    case 4: return add_window_gradient_unrolled<4>(e, decay, scale, stride, inputs, m);
+    case 5: return add_window_gradient_unrolled<5>(e, decay, scale, stride, inputs, m);
+    case 6: return add_window_gradient_unrolled<6>(e, decay, scale, stride, inputs, m);
+    case 7: return add_window_gradient_unrolled<7>(e, decay, scale, stride, inputs, m);
+    default: return add_window_gradient_unrolled<8>(e, decay, scale, stride, inputs, m);
+  }
+}
+
 // plugins/tbptt.py: a window of the last k steps, newest in slot 0; grad(v) back-propagates
 // v through it with the current (updated) recurrent weights U = W[:, :, :, d : d + n].
 template <typename T>
@@ -733,12 +765,16 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
             T* __restrict adjoint_k = adjoint_a + k * n;
             for (index i = 0; i < n; ++i) adjoint_k[i] = adjoint_h[i] * dh[i] + adjoint_c[i] * dc[i];
           }
-          // next_h = U^T adjoint_a, summed over rows in order.
-          std::fill(next_h.begin(), next_h.end(), T(0));
-          for (index r = 0; r < rows; ++r) {
-            const T* __restrict u = weight + (p * rows + r) * m + d;
+          // next_h = U^T adjoint_a, summed over rows in order. The first row initialises the
+          // sum (no separate zero fill: a narrow store followed by a wide load of the same
+          // bytes stalls the pipeline, which dominated small networks).
+          const T* __restrict recurrent = weight + p * rows * m + d;
+          T* __restrict h_sum = next_h.data();
+          for (index j = 0; j < n; ++j) h_sum[j] = adjoint_a[0] * recurrent[j];
+          for (index r = 1; r < rows; ++r) {
+            const T* __restrict u = recurrent + r * m;
             const T scale = adjoint_a[r];
-            for (index j = 0; j < n; ++j) next_h[j] += scale * u[j];
+            for (index j = 0; j < n; ++j) h_sum[j] += scale * u[j];
           }
           for (index i = 0; i < n; ++i) {
             const T f = forget[slot * n + i];
@@ -749,15 +785,25 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
         }
         const T decay = engine.trace_decay[b];
         T* e = trace + (q * B + b) * block;
+        const T* inputs[MAX_UNROLLED_AGES];
+        for (index age = 0; age < std::min(ages, MAX_UNROLLED_AGES); ++age) {
+          inputs[age] = cell_input + (age * B + b) * m;
+        }
         for (index r = 0; r < rows; ++r) {
-          T* __restrict g = gradient.data();
-          std::fill_n(g, m, T(0));
-          for (index age = 0; age < ages; ++age) {
+          T* __restrict e_row = e + r * m;
+          if (ages <= MAX_UNROLLED_AGES) {
+            add_window_gradient(e_row, decay, adjoint.data() + r, rows, inputs, ages, m);
+            continue;
+          }
+          T* __restrict g = gradient.data();  // ages >= 1: this step is always in the window
+          const T* __restrict z_newest = cell_input + b * m;
+          const T scale_newest = adjoint[r];
+          for (index i = 0; i < m; ++i) g[i] = scale_newest * z_newest[i];
+          for (index age = 1; age < ages; ++age) {
             const T scale = adjoint[age * rows + r];
             const T* __restrict z = cell_input + (age * B + b) * m;
             for (index i = 0; i < m; ++i) g[i] += scale * z[i];
           }
-          T* __restrict e_row = e + r * m;
           for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + g[i];
         }
       }
