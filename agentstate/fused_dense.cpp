@@ -1,0 +1,626 @@
+// Fused TD(lambda) steps of the learners whose state is not columnar: eLSTM, UORO, SnAp-1.
+//
+// Compiled by agentstate/fused.py in the same translation unit, after fused_td.cpp: this
+// file uses its Engine (normalisation, heads, TD error, v), ParameterOptimizer, threads_for,
+// parallel_for, sigmoid, vector_exp, vector_tanh and dot. Each entry point does what TDPredictor.step
+// does eagerly (agentstate/td.py), in its order:
+//
+//   learner step with the old weights (its credit memory advanced: sensitivities or
+//   tangents); heads, delta; optimiser steps from the old traces; learner_trace =
+//   gamma lambda learner_trace + grad_learner(v) with v from the updated heads.
+//
+// The big arrays (sensitivities or the parameter tangent, traces, weights, optimiser state)
+// are swept once, in chunks of weight rows: per chunk, every stream in turn (each stream's
+// chunk is one contiguous run of its arrays), the update of a shared weight summed over the
+// streams in cache. Threads split the chunks (rows) or the streams, never a sum.
+
+namespace {
+
+// Weight rows per chunk of a sweep: about 16 K entries, so a shared chunk's update sum stays
+// in cache while every stream adds to it.
+constexpr index CHUNK_ENTRIES = index(1) << 14;
+
+// out[b * rows + r] = weight_p[r] . input_b (+ offset_p[r]) for every stream b, with weight
+// row r at weight + (p * rows + r) * row_stride (the first `width` entries are used) and, if
+// given, masked by row r % mask_rows of `mask` ([mask_rows, width], 0 or 1: the masked weight
+// is never formed). Shared weights go row by row, each weight times the inputs of every
+// stream in one vectorised multiply-add (the inputs transposed to [width, B]); every sum runs
+// over the row in order.
+template <typename T>
+void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stride,
+                        const T* offset, index rows, index width, const T* input,
+                        index input_stride, T* out, const T* mask = nullptr,
+                        index mask_rows = 1) {
+  const index B = engine.B;
+  auto weight_at = [&](const T* row, index r, index i) {
+    return mask ? row[i] * mask[(r % mask_rows) * width + i] : row[i];
+  };
+  if (engine.P == 1) {
+    parallel_for(rows, threads_for(engine.td, B * rows * width, rows), [&](index first, index last) {
+      std::vector<T> by_entry(width * B), sum(B);
+      for (index b = 0; b < B; ++b)
+        for (index i = 0; i < width; ++i) by_entry[i * B + b] = input[b * input_stride + i];
+      for (index r = first; r < last; ++r) {
+        const T* row = weight + r * row_stride;
+        std::fill(sum.begin(), sum.end(), T(0));
+        for (index i = 0; i < width; ++i) {
+          const T w = weight_at(row, r, i);
+          const T* __restrict x = by_entry.data() + i * B;
+          T* __restrict s = sum.data();
+#pragma omp simd
+          for (index b = 0; b < B; ++b) s[b] += x[b] * w;
+        }
+        for (index b = 0; b < B; ++b) out[b * rows + r] = offset ? sum[b] + offset[r] : sum[b];
+      }
+    });
+    return;
+  }
+  parallel_for(B, threads_for(engine.td, B * rows * width, B), [&](index first, index last) {
+    for (index b = first; b < last; ++b) {
+      const T* __restrict z = input + b * input_stride;
+      for (index r = 0; r < rows; ++r) {
+        const T* __restrict row = weight + (b * rows + r) * row_stride;
+        T sum = 0;
+        if (mask) {
+          for (index i = 0; i < width; ++i) sum += weight_at(row, r, i) * z[i];
+        } else {
+          sum = dot(row, z, width);
+        }
+        out[b * rows + r] = offset ? sum + offset[b * rows + r] : sum;
+      }
+    }
+  });
+}
+
+// The sweep over `rows` weight rows of `row_entries` update entries each: per chunk of rows,
+// body(b, first_row, last_row, update) for every stream b, adding the TD update of those rows
+// to `update` ([rows in chunk, row_entries]); apply(p, first_row, last_row, update, divisor)
+// then steps the optimiser: once per chunk with the sum over streams (shared parameters,
+// divisor B: the mean), or after each stream's body (independent ones, p = b).
+template <typename T, typename Body, typename Apply>
+void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index work, bool train,
+                const Body& body, const Apply& apply) {
+  const index B = engine.B, P = engine.P;
+  const index threads = threads_for(engine.td, work, rows);
+  const index chunk = std::max<index>(
+      1, std::min({rows, CHUNK_ENTRIES / row_entries, (rows + threads - 1) / threads}));
+  const index chunks = (rows + chunk - 1) / chunk;
+  parallel_for(chunks, threads, [&](index first_chunk, index last_chunk) {
+    std::vector<T> update(train ? chunk * row_entries : 0);
+    for (index at = first_chunk; at < last_chunk; ++at) {
+      const index first = at * chunk, last = std::min(rows, first + chunk);
+      const index count = (last - first) * row_entries;
+      if (train && P == 1) std::fill_n(update.data(), count, T(0));
+      for (index b = 0; b < B; ++b) {
+        if (train && P != 1) std::fill_n(update.data(), count, T(0));
+        body(b, first, last, update.data());
+        if (train && P != 1) apply(b, first, last, update.data(), T(1));
+      }
+      if (train && P == 1) apply(index(0), first, last, update.data(), T(B));
+    }
+  });
+}
+
+// float32 tanh and exp through double, so rounded correctly (nearly always) as torch's
+// 1-ulp float32 functions nearly always are: fused and eager trajectories then stay together
+// (a recurrence like eLSTM's amplifies a last-bit difference in its gates). The sigmoid is
+// torch's 1 / (1 + exp(-a)), rounded in float32 after the exponential.
+inline float rounded_tanh(float a) { return float(vector_tanh(double(a))); }
+inline double rounded_tanh(double a) { return vector_tanh(a); }
+inline float rounded_sigmoid(float a) { return 1.0f / (1.0f + float(vector_exp(-double(a)))); }
+inline double rounded_sigmoid(double a) { return sigmoid(a); }
+
+// a b + c rounded once, as torch's addcmul and lerp compute it on a CPU with fused
+// multiply-adds (their vector kernels contract it); rounded twice elsewhere, as there.
+template <typename T>
+inline T multiply_add(T a, T b, T c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// torch.lerp(start, end, weight) as ATen's vectorised CPU kernel computes it: a
+// multiply-add from the nearer end.
+template <typename T>
+inline T lerp(T start, T end, T weight) {
+  const bool small = std::abs(weight) < T(0.5);
+  return multiply_add(small ? weight : weight - T(1), end - start, small ? start : end);
+}
+
+// ------------------------------------------------------------------ eLSTM
+// plugins/elstm.py. Parameters in ElementwiseCells order.
+enum ElementwiseParameter : index {
+  GATE_INPUT_WEIGHT = 0, GATE_CELL_WEIGHT, GATE_BIAS, OUTPUT_WEIGHT, OUTPUT_BIAS, N_PARAMETERS
+};
+
+template <typename T>
+int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
+  Engine<T> engine(td);
+  if (!engine.inputs_finite()) return 1;
+  const index B = engine.B, P = engine.P, D = engine.d, N = engine.n, K = engine.K;
+  const index rows = 2 * N;        // gate rows (g, n): z then f
+  const index width = D + 2;       // a sensitivity row: [W_g[n], w_g[n], b_g[n]]
+  const index output_width = D + N;  // W_o acts on [x; c]
+  auto** parameters = reinterpret_cast<T**>(cells.parameters);
+  auto** traces = reinterpret_cast<T**>(cells.parameter_traces);
+  T* gate_input_weight = parameters[GATE_INPUT_WEIGHT];  // [P, 2, N, D]
+  T* gate_cell_weight = parameters[GATE_CELL_WEIGHT];    // [P, 2, N]
+  T* gate_bias = parameters[GATE_BIAS];                  // [P, 2, N]
+  T* output_weight = parameters[OUTPUT_WEIGHT];          // [P, N, D + N]
+  T* output_bias = parameters[OUTPUT_BIAS];              // [P, N]
+  auto* c_carry = static_cast<T*>(cells.c);                   // [B, N]
+  auto* sensitivity = static_cast<T*>(cells.sensitivity);     // [B, 2, N, D + 2]
+  auto* output_gate = static_cast<T*>(cells.output_gate);     // [B, N]
+
+  engine.normalize_observation();
+  const T* x = engine.observation.data();
+  std::copy_n(x, B * D, static_cast<T*>(cells.last_input));
+
+  // The cell with the weights before this step's update.
+  std::vector<T> preactivation(B * rows);  // W_g x + b_g
+  matvec_all_streams(engine, gate_input_weight, D, gate_bias, rows, D, x, D,
+                     preactivation.data());
+  std::vector<T> c_prev(c_carry, c_carry + B * N), kappa(B * rows), dc_dc_prev(B * N);
+  std::vector<T> output_input(B * output_width);  // [x; c_t]
+  for (index b = 0; b < B; ++b) {
+    const index p = P == 1 ? 0 : b;
+    const T* __restrict a_z = preactivation.data() + b * rows;
+    const T* __restrict a_f = a_z + N;
+    const T* __restrict w_z = gate_cell_weight + p * rows;
+    const T* __restrict w_f = w_z + N;
+    const T* __restrict c_old = c_prev.data() + b * N;
+    T* __restrict kappa_z = kappa.data() + b * rows;
+    T* __restrict kappa_f = kappa_z + N;
+    T* __restrict decay_b = dc_dc_prev.data() + b * N;
+    T* __restrict c_new = output_input.data() + b * output_width + D;
+    std::copy_n(x + b * D, D, output_input.data() + b * output_width);
+#pragma omp simd
+    for (index i = 0; i < N; ++i) {
+      const T candidate = rounded_tanh(multiply_add(w_z[i], c_old[i], a_z[i]));
+      const T forget = rounded_sigmoid(multiply_add(w_f[i], c_old[i], a_f[i]));
+      c_new[i] = lerp(candidate, c_old[i], forget);  // f c_t-1 + (1 - f) z
+      const T one_minus_forget = T(1) - forget;
+      kappa_z[i] = one_minus_forget * (T(1) - candidate * candidate);
+      kappa_f[i] = (c_old[i] - candidate) * forget * one_minus_forget;
+      decay_b[i] = multiply_add(kappa_f[i], w_f[i], multiply_add(kappa_z[i], w_z[i], forget));
+    }
+  }
+  std::vector<T> output_preactivation(B * N), h(B * N);
+  matvec_all_streams(engine, output_weight, output_width, output_bias, N, output_width,
+                     output_input.data(), output_width, output_preactivation.data());
+  for (index b = 0; b < B; ++b) {
+    const T* __restrict a_o = output_preactivation.data() + b * N;
+    const T* __restrict c_new = output_input.data() + b * output_width + D;
+    T* __restrict o = output_gate + b * N;
+    T* __restrict h_b = h.data() + b * N;
+    T* __restrict c_b = c_carry + b * N;
+#pragma omp simd
+    for (index i = 0; i < N; ++i) {
+      o[i] = rounded_sigmoid(a_o[i]);
+      h_b[i] = o[i] * c_new[i];
+      c_b[i] = c_new[i];
+    }
+  }
+
+  engine.predict(h.data());
+  engine.update_heads();
+  engine.learner_state_weight();
+
+  const bool train = td.train_learner;
+  std::vector<std::optional<ParameterOptimizer<T>>> optimizers(N_PARAMETERS);
+  std::vector<T> cell_weight_v;  // v . dh_t/dc_t: [B, K, N]
+  if (train) {
+    auto** states_a = reinterpret_cast<void**>(cells.parameter_states_a);
+    auto** states_b = reinterpret_cast<void**>(cells.parameter_states_b);
+    auto** steps = reinterpret_cast<void**>(cells.parameter_steps);
+    for (index k = 0; k < N_PARAMETERS; ++k) {
+      optimizers[k].emplace(td.optimizer, td.learner_lr, states_a[k], states_b[k], steps[k]);
+    }
+    // e = v . dh_t/da_o = v o (1 - o) c_t, and v o: [B, K, N].
+    std::vector<T> output_v(B * K * N), v_output(B * K * N);
+    for (index b = 0; b < B; ++b)
+      for (index q = 0; q < K; ++q)
+        for (index i = 0; i < N; ++i) {
+          const T o = output_gate[b * N + i];
+          v_output[(b * K + q) * N + i] = engine.v(b, q, i) * o;
+          output_v[(b * K + q) * N + i] =
+              v_output[(b * K + q) * N + i] * (T(1) - o) * output_input[b * output_width + D + i];
+        }
+
+    // W_o, b_o: update from the old traces, then trace = decay trace + e [x; c_t]^T, e.
+    const ParameterOptimizer<T>& output_optimizer = *optimizers[OUTPUT_WEIGHT];
+    const ParameterOptimizer<T>& output_bias_optimizer = *optimizers[OUTPUT_BIAS];
+    T* output_trace = traces[OUTPUT_WEIGHT];     // [K, B, N, D + N]
+    T* output_bias_trace = traces[OUTPUT_BIAS];  // [K, B, N]
+    const index output_entries = output_width + 1;
+    sweep_rows(
+        engine, N, output_entries, B * N * output_width * (K + 1), true,
+        [&](index b, index first, index last, T* update) {
+          const T* __restrict z = output_input.data() + b * output_width;
+          for (index r = first; r < last; ++r) {
+            T* __restrict u = update + (r - first) * output_entries;
+            for (index q = 0; q < K; ++q) {
+              const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+              const T e_r = output_v[(b * K + q) * N + r];
+              T* __restrict e = output_trace + ((q * B + b) * N + r) * output_width;
+              for (index i = 0; i < output_width; ++i) {
+                u[i] += error * e[i];
+                e[i] = e[i] * decay + e_r * z[i];
+              }
+              T& e_bias = output_bias_trace[(q * B + b) * N + r];
+              u[output_width] += error * e_bias;
+              e_bias = e_bias * decay + e_r;
+            }
+          }
+        },
+        [&](index p, index first, index last, const T* update, T divisor) {
+          for (index r = first; r < last; ++r) {
+            const T* u = update + (r - first) * output_entries;
+            output_optimizer.apply(output_weight, (p * N + r) * output_width, u, divisor,
+                                   output_width);
+            output_bias_optimizer.apply(output_bias, p * N + r, u + output_width, divisor, 1);
+          }
+        });
+
+    // v . dh_t/dc_t = v o + W_o[:, D:]^T e with the updated W_o, summed over rows in order.
+    cell_weight_v.resize(B * K * N);
+    const index pairs = B * K;
+    parallel_for(pairs, threads_for(td, pairs * N * N, pairs), [&](index first, index last) {
+      std::copy(v_output.begin() + first * N, v_output.begin() + last * N,
+                cell_weight_v.begin() + first * N);
+      auto add_row = [&](index pair, index r) {
+        const T* __restrict w = output_weight + ((P == 1 ? 0 : pair / K) * N + r) * output_width + D;
+        const T scale = output_v[pair * N + r];
+        T* __restrict sum = cell_weight_v.data() + pair * N;
+        for (index j = 0; j < N; ++j) sum[j] += scale * w[j];
+      };
+      if (P == 1) {  // each row of W_o read once for every stream
+        for (index r = 0; r < N; ++r)
+          for (index pair = first; pair < last; ++pair) add_row(pair, r);
+      } else {
+        for (index pair = first; pair < last; ++pair)
+          for (index r = 0; r < N; ++r) add_row(pair, r);
+      }
+    });
+  }
+
+  // Gate rows: S = D_t S + kappa [x; c_t-1; 1]; update from the old traces; then
+  // trace = decay trace + (v . dh_t/dc_t) S for W_g, w_g, b_g.
+  T* input_trace = traces[GATE_INPUT_WEIGHT];  // [K, B, 2, N, D]
+  T* cell_trace = traces[GATE_CELL_WEIGHT];    // [K, B, 2, N]
+  T* bias_trace = traces[GATE_BIAS];           // [K, B, 2, N]
+  sweep_rows(
+      engine, rows, width, B * rows * width * (train ? K + 1 : 1), train,
+      [&](index b, index first, index last, T* update) {
+        const T* __restrict x_b = x + b * D;
+        for (index r = first; r < last; ++r) {
+          const index unit = r % N;
+          const T scale = dc_dc_prev[b * N + unit], kappa_r = kappa[b * rows + r];
+          T* __restrict s = sensitivity + (b * rows + r) * width;
+          for (index i = 0; i < D; ++i) s[i] = multiply_add(kappa_r, x_b[i], s[i] * scale);
+          s[D] = multiply_add(kappa_r, c_prev[b * N + unit], s[D] * scale);
+          s[D + 1] = s[D + 1] * scale + kappa_r;
+          if (!train) continue;
+          T* __restrict u = update + (r - first) * width;
+          for (index q = 0; q < K; ++q) {
+            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+            const T g = cell_weight_v[(b * K + q) * N + unit];
+            const index row = (q * B + b) * rows + r;
+            T* __restrict e = input_trace + row * D;
+            for (index i = 0; i < D; ++i) {
+              u[i] += error * e[i];
+              e[i] = e[i] * decay + g * s[i];
+            }
+            u[D] += error * cell_trace[row];
+            cell_trace[row] = cell_trace[row] * decay + g * s[D];
+            u[D + 1] += error * bias_trace[row];
+            bias_trace[row] = bias_trace[row] * decay + g * s[D + 1];
+          }
+        }
+      },
+      [&](index p, index first, index last, const T* update, T divisor) {
+        for (index r = first; r < last; ++r) {
+          const T* u = update + (r - first) * width;
+          const index row = p * rows + r;
+          optimizers[GATE_INPUT_WEIGHT]->apply(gate_input_weight, row * D, u, divisor, D);
+          optimizers[GATE_CELL_WEIGHT]->apply(gate_cell_weight, row, u + D, divisor, 1);
+          optimizers[GATE_BIAS]->apply(gate_bias, row, u + D + 1, divisor, 1);
+        }
+      });
+  engine.finish();
+  return 0;
+}
+
+// ------------------------------------------------------------------ UORO
+// plugins/uoro.py on the dense LSTM of plugins/dense_lstm.py.
+template <typename T>
+int td_uoro(const TDArgs& td, const TangentArgs& uoro) {
+  Engine<T> engine(td);
+  if (!engine.inputs_finite()) return 1;
+  const index B = engine.B, d = engine.d, n = engine.n, K = engine.K;
+  const index m = d + n + 1, rows = N_GATES * n;
+  auto* weight = static_cast<T*>(uoro.weight);                   // [P, 4, n, m]
+  auto* h_carry = static_cast<T*>(uoro.h);                       // [B, n]
+  auto* c_carry = static_cast<T*>(uoro.c);                       // [B, n]
+  auto* tangent_h = static_cast<T*>(uoro.state_tangent_h);       // [B, n]
+  auto* tangent_c = static_cast<T*>(uoro.state_tangent_c);       // [B, n]
+  auto* parameter_tangent = static_cast<T*>(uoro.parameter_tangent);  // [B, 4, n, m]
+  auto* sign_bits = static_cast<const int64_t*>(uoro.sign_bits);  // [B, 2n]
+  const T epsilon = T(uoro.epsilon);
+  const T noise_norm = T(std::sqrt(double(2 * n)) + uoro.epsilon);  // |nu| + eps
+
+  engine.normalize_observation();
+
+  // Norms of the parameter tangents before this step (one read of W~ per stream).
+  std::vector<T> parameter_tangent_norm(B);
+  parallel_for(B, threads_for(td, B * rows * m, B), [&](index first, index last) {
+    for (index b = first; b < last; ++b) {
+      const T* w = parameter_tangent + b * rows * m;
+      parameter_tangent_norm[b] = std::sqrt(dot(w, w, rows * m));
+    }
+  });
+
+  // The cell and U s~ (the recurrent block times the state tangent), old weights.
+  std::vector<T> cell_input(B * m);  // z = [x^, h_t-1, 1]
+  for (index b = 0; b < B; ++b) {
+    std::copy_n(engine.observation.data() + b * d, d, cell_input.data() + b * m);
+    std::copy_n(h_carry + b * n, n, cell_input.data() + b * m + d);
+    cell_input[b * m + d + n] = T(1);
+  }
+  std::vector<T> preactivation(B * rows), recurrent_tangent(B * rows);
+  matvec_all_streams(engine, weight, m, static_cast<const T*>(nullptr), rows, m,
+                     cell_input.data(), m, preactivation.data());
+  matvec_all_streams(engine, weight + d, m, static_cast<const T*>(nullptr), rows, n, tangent_h,
+                     n, recurrent_tangent.data());
+
+  // Per stream: derivatives, the pushed tangent s' (JVP), a = nu . d(h, c)/da (VJP), rho.
+  std::vector<T> noise_preactivation(B * rows), rho_0(B), scaled_noise(B * rows);
+  parallel_for(B, threads_for(td, B * rows * m, B), [&](index first, index last) {
+    std::vector<T> dc_da(rows), dh_da(rows), pushed_h(n), pushed_c(n), forget(n), dh_dc(n);
+    std::vector<T> noise_h(n), noise_c(n);
+    for (index b = first; b < last; ++b) {
+      const T* __restrict a = preactivation.data() + b * rows;
+      T* __restrict c_b = c_carry + b * n;
+      T* __restrict h_b = h_carry + b * n;
+#pragma omp simd
+      for (index i = 0; i < n; ++i) {
+        const T i_gate = rounded_sigmoid(a[GATE_I * n + i]);
+        const T f_gate = rounded_sigmoid(a[GATE_F * n + i]);
+        const T candidate = rounded_tanh(a[GATE_G * n + i]);
+        const T o_gate = rounded_sigmoid(a[GATE_O * n + i]);
+        const T c_prev = c_b[i];
+        const T c_new = multiply_add(i_gate, candidate, f_gate * c_prev);
+        const T tanh_c = rounded_tanh(c_new);
+        const T mu = o_gate * (T(1) - tanh_c * tanh_c);
+        dc_da[GATE_I * n + i] = candidate * i_gate * (T(1) - i_gate);
+        dc_da[GATE_F * n + i] = c_prev * f_gate * (T(1) - f_gate);
+        dc_da[GATE_G * n + i] = i_gate * (T(1) - candidate * candidate);
+        dc_da[GATE_O * n + i] = T(0);
+        dh_da[GATE_I * n + i] = mu * dc_da[GATE_I * n + i];
+        dh_da[GATE_F * n + i] = mu * dc_da[GATE_F * n + i];
+        dh_da[GATE_G * n + i] = mu * dc_da[GATE_G * n + i];
+        dh_da[GATE_O * n + i] = tanh_c * o_gate * (T(1) - o_gate);
+        forget[i] = f_gate;
+        dh_dc[i] = mu;
+        c_b[i] = c_new;
+        h_b[i] = o_gate * tanh_c;
+      }
+      const T* __restrict u_s = recurrent_tangent.data() + b * rows;
+      const T* __restrict t_c = tangent_c + b * n;
+      const int64_t* bits = sign_bits + b * 2 * n;
+      T pushed_square = 0, noise_square = 0;
+      for (index i = 0; i < n; ++i) {
+        noise_h[i] = T(2 * bits[i] - 1);
+        noise_c[i] = T(2 * bits[n + i] - 1);
+        T jvp_h = dh_da[i] * u_s[i], jvp_c = dc_da[i] * u_s[i];
+        for (index k = 1; k < N_GATES; ++k) {
+          jvp_h += dh_da[k * n + i] * u_s[k * n + i];
+          jvp_c += dc_da[k * n + i] * u_s[k * n + i];
+        }
+        pushed_h[i] = multiply_add(dh_dc[i] * forget[i], t_c[i], jvp_h);
+        pushed_c[i] = multiply_add(forget[i], t_c[i], jvp_c);
+        pushed_square += pushed_h[i] * pushed_h[i] + pushed_c[i] * pushed_c[i];
+      }
+      T* __restrict noise_a = noise_preactivation.data() + b * rows;
+      for (index k = 0; k < N_GATES; ++k)
+        for (index i = 0; i < n; ++i) {
+          noise_a[k * n + i] =
+              multiply_add(noise_c[i], dc_da[k * n + i], noise_h[i] * dh_da[k * n + i]);
+          noise_square += noise_a[k * n + i] * noise_a[k * n + i];
+        }
+      const T* z = cell_input.data() + b * m;
+      const T noise_vjp_norm = std::sqrt(noise_square) * std::sqrt(dot(z, z, m));
+      const T pushed_norm = std::sqrt(pushed_square);
+      rho_0[b] = std::sqrt(parameter_tangent_norm[b] / (pushed_norm + epsilon)) + epsilon;
+      const T rho_1 = std::sqrt(noise_vjp_norm / noise_norm) + epsilon;
+      T* __restrict new_h = tangent_h + b * n;
+      T* __restrict new_c = tangent_c + b * n;
+      for (index i = 0; i < n; ++i) {
+        new_h[i] = multiply_add(rho_1, noise_h[i], rho_0[b] * pushed_h[i]);
+        new_c[i] = multiply_add(rho_1, noise_c[i], rho_0[b] * pushed_c[i]);
+      }
+      for (index r = 0; r < rows; ++r) scaled_noise[b * rows + r] = noise_a[r] / rho_1;
+    }
+  });
+
+  engine.predict(h_carry);
+  engine.update_heads();
+  engine.learner_state_weight();
+
+  const bool train = td.train_learner;
+  std::optional<ParameterOptimizer<T>> optimizer;
+  std::vector<T> projection(B * K);  // v . h~_t
+  if (train) {
+    optimizer.emplace(engine.learner_optimizer());
+    for (index b = 0; b < B; ++b)
+      for (index q = 0; q < K; ++q) {
+        T sum = 0;
+        for (index i = 0; i < n; ++i) sum += engine.v(b, q, i) * tangent_h[b * n + i];
+        projection[b * K + q] = sum;
+      }
+  }
+  // W~ = W~ / rho_0 + (a / rho_1) z^T; update from the old traces; trace = decay trace + (v . h~) W~.
+  auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
+  sweep_rows(
+      engine, rows, m, B * rows * m * (train ? K + 2 : 2), train,
+      [&](index b, index first, index last, T* update) {
+        const T* __restrict z = cell_input.data() + b * m;
+        const T scale = rho_0[b];
+        for (index r = first; r < last; ++r) {
+          T* __restrict w = parameter_tangent + (b * rows + r) * m;
+          const T a = scaled_noise[b * rows + r];
+          for (index i = 0; i < m; ++i) w[i] = multiply_add(a, z[i], w[i] / scale);
+        }
+        if (!train) return;
+        const index count = (last - first) * m;
+        const T* __restrict w = parameter_tangent + (b * rows + first) * m;
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+          const T g = projection[b * K + q];
+          T* __restrict e = trace + ((q * B + b) * rows + first) * m;
+          for (index i = 0; i < count; ++i) {
+            update[i] += error * e[i];
+            e[i] = e[i] * decay + g * w[i];
+          }
+        }
+      },
+      [&](index p, index first, index last, const T* update, T divisor) {
+        optimizer->apply(weight, (p * rows + first) * m, update, divisor, (last - first) * m);
+      });
+  engine.finish();
+  return 0;
+}
+
+// ------------------------------------------------------------------ SnAp-1
+// plugins/snap1.py: the dense LSTM with its recurrent weights masked by M, and per unit the
+// sensitivities of its own state to its own weights, S^h and S^c: [B, 4, n, m].
+template <typename T>
+int td_snap1(const TDArgs& td, const SnapArgs& snap) {
+  Engine<T> engine(td);
+  if (!engine.inputs_finite()) return 1;
+  const index B = engine.B, P = engine.P, d = engine.d, n = engine.n, K = engine.K;
+  const index m = d + n + 1, rows = N_GATES * n;
+  auto* weight = static_cast<T*>(snap.weight);                // [P, 4, n, m]
+  auto* h_carry = static_cast<T*>(snap.h);                    // [B, n]
+  auto* c_carry = static_cast<T*>(snap.c);                    // [B, n]
+  auto* sensitivity_h = static_cast<T*>(snap.sensitivity_h);  // [B, 4, n, m]
+  auto* sensitivity_c = static_cast<T*>(snap.sensitivity_c);  // [B, 4, n, m]
+  auto* mask = static_cast<const T*>(snap.weight_mask);       // [n, m]
+
+  engine.normalize_observation();
+
+  // The masked cell with the weights before this step's update.
+  std::vector<T> cell_input(B * m);  // z = [x^, h_t-1, 1]
+  for (index b = 0; b < B; ++b) {
+    std::copy_n(engine.observation.data() + b * d, d, cell_input.data() + b * m);
+    std::copy_n(h_carry + b * n, n, cell_input.data() + b * m + d);
+    cell_input[b * m + d + n] = T(1);
+  }
+  std::vector<T> preactivation(B * rows);
+  matvec_all_streams(engine, weight, m, static_cast<const T*>(nullptr), rows, m,
+                     cell_input.data(), m, preactivation.data(), mask, n);
+
+  // Per stream and unit: kappa, dh/da, and the diagonal of the state Jacobian.
+  std::vector<T> dc_da(B * rows), dh_da(B * rows), forget(B * n), dh_dc_prev(B * n);
+  std::vector<T> dh_dh_prev(B * n), dc_dh_prev(B * n);
+  for (index b = 0; b < B; ++b) {
+    const T* __restrict a = preactivation.data() + b * rows;
+    const T* __restrict w = weight + (P == 1 ? 0 : b) * rows * m;
+    T* __restrict kappa = dc_da.data() + b * rows;
+    T* __restrict dh = dh_da.data() + b * rows;
+    T* __restrict c_b = c_carry + b * n;
+    T* __restrict h_b = h_carry + b * n;
+    for (index i = 0; i < n; ++i) {
+      const T i_gate = rounded_sigmoid(a[GATE_I * n + i]);
+      const T f_gate = rounded_sigmoid(a[GATE_F * n + i]);
+      const T candidate = rounded_tanh(a[GATE_G * n + i]);
+      const T o_gate = rounded_sigmoid(a[GATE_O * n + i]);
+      const T c_prev = c_b[i];
+      const T c_new = multiply_add(i_gate, candidate, f_gate * c_prev);
+      const T tanh_c = rounded_tanh(c_new);
+      const T mu = o_gate * (T(1) - tanh_c * tanh_c);
+      kappa[GATE_I * n + i] = candidate * i_gate * (T(1) - i_gate);
+      kappa[GATE_F * n + i] = c_prev * f_gate * (T(1) - f_gate);
+      kappa[GATE_G * n + i] = i_gate * (T(1) - candidate * candidate);
+      kappa[GATE_O * n + i] = T(0);
+      for (index k = 0; k < GATE_O; ++k) dh[k * n + i] = mu * kappa[k * n + i];
+      dh[GATE_O * n + i] = tanh_c * o_gate * (T(1) - o_gate);
+      // (dh_t/dh_t-1)_ii = sum_k (dh_t/da_k)_i U_k[i, i], U the masked recurrent block.
+      const T self_mask = mask[i * m + d + i];
+      T own_h = 0, own_c = 0;
+      for (index k = 0; k < N_GATES; ++k) {
+        const T own = w[(k * n + i) * m + d + i] * self_mask;
+        own_h += dh[k * n + i] * own;
+        own_c += kappa[k * n + i] * own;
+      }
+      dh_dh_prev[b * n + i] = own_h;
+      dc_dh_prev[b * n + i] = own_c;
+      forget[b * n + i] = f_gate;
+      dh_dc_prev[b * n + i] = mu * f_gate;
+      c_b[i] = c_new;
+      h_b[i] = o_gate * tanh_c;
+    }
+  }
+
+  engine.predict(h_carry);
+  engine.update_heads();
+  engine.learner_state_weight();
+
+  // S^c = (dc/dh_prev)_ii S^h + f S^c + kappa (z (.) M_i); S^h likewise with dh; update from
+  // the old traces; trace = decay trace + v_i S^h.
+  const bool train = td.train_learner;
+  std::optional<ParameterOptimizer<T>> optimizer;
+  if (train) optimizer.emplace(engine.learner_optimizer());
+  auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
+  sweep_rows(
+      engine, rows, m, B * rows * m * (train ? K + 2 : 2), train,
+      [&](index b, index first, index last, T* update) {
+        const T* __restrict z = cell_input.data() + b * m;
+        for (index r = first; r < last; ++r) {
+          const index unit = r % n;
+          const T* __restrict mask_row = mask + unit * m;
+          const T kappa = dc_da[b * rows + r], dh = dh_da[b * rows + r];
+          const T c_from_h = dc_dh_prev[b * n + unit], c_from_c = forget[b * n + unit];
+          const T h_from_h = dh_dh_prev[b * n + unit], h_from_c = dh_dc_prev[b * n + unit];
+          T* __restrict sh = sensitivity_h + (b * rows + r) * m;
+          T* __restrict sc = sensitivity_c + (b * rows + r) * m;
+#pragma omp simd
+          for (index j = 0; j < m; ++j) {
+            const T masked_input = z[j] * mask_row[j];
+            const T sc_new = multiply_add(kappa, masked_input,
+                                          multiply_add(sc[j], c_from_c, sh[j] * c_from_h));
+            sh[j] = multiply_add(dh, masked_input, multiply_add(sc[j], h_from_c, sh[j] * h_from_h));
+            sc[j] = sc_new;
+          }
+          if (!train) continue;
+          T* __restrict u = update + (r - first) * m;
+          for (index q = 0; q < K; ++q) {
+            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+            const T v = engine.v(b, q, unit);
+            T* __restrict e = trace + ((q * B + b) * rows + r) * m;
+            for (index j = 0; j < m; ++j) {
+              u[j] += error * e[j];
+              e[j] = e[j] * decay + v * sh[j];
+            }
+          }
+        }
+      },
+      [&](index p, index first, index last, const T* update, T divisor) {
+        optimizer->apply(weight, (p * rows + first) * m, update, divisor, (last - first) * m);
+      });
+  engine.finish();
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+int td_elstm_float32(const TDArgs* td, const ElementwiseArgs* cells) { return td_elstm<float>(*td, *cells); }
+int td_elstm_float64(const TDArgs* td, const ElementwiseArgs* cells) { return td_elstm<double>(*td, *cells); }
+int td_uoro_float32(const TDArgs* td, const TangentArgs* uoro) { return td_uoro<float>(*td, *uoro); }
+int td_uoro_float64(const TDArgs* td, const TangentArgs* uoro) { return td_uoro<double>(*td, *uoro); }
+int td_snap1_float32(const TDArgs* td, const SnapArgs* snap) { return td_snap1<float>(*td, *snap); }
+int td_snap1_float64(const TDArgs* td, const SnapArgs* snap) { return td_snap1<double>(*td, *snap); }
+}
