@@ -477,13 +477,13 @@ def _build(compiler: str, vector_math: bool = False) -> Path:
     key = hashlib.sha256(
         "\0".join([source, version, *flags, *libraries, _machine_signature()]).encode()
     ).hexdigest()[:16]
-    directory = cache_directory() / "kernels"
-    library = directory / f"fused_td-{key}.so"
-    failed = library.with_suffix(".failed")  # vector math only: it is allowed to fail
+    library = cache_directory() / "kernels" / f"fused_td-{key}.so"
     if library.exists():
         return library
+    failed = library.with_suffix(".failed")  # see _build_best
     if failed.exists():
-        raise RuntimeError(failed.read_text())
+        raise BuildError(failed.read_text(), library)
+    directory = library.parent
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         source_path = Path(scratch) / "fused_td.cpp"
@@ -495,10 +495,7 @@ def _build(compiler: str, vector_math: bool = False) -> Path:
             text=True,
         )
         if result.returncode != 0:
-            message = f"{compiler} failed: {result.stderr.strip()[-2000:]}"
-            if vector_math:  # remembered, so later processes go straight to the scalar build
-                failed.write_text(message)
-            raise RuntimeError(message)
+            raise BuildError(f"{compiler} failed: {result.stderr.strip()[-2000:]}", library)
         os.replace(built, library)  # atomic: concurrent builders never see half a file
     return library
 
@@ -508,14 +505,29 @@ def _vector_math_possible() -> bool:
     return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
 
 
+class BuildError(RuntimeError):
+    """The compiler refused the kernel; ``library`` is where it would have gone."""
+
+    def __init__(self, message: str, library: Path) -> None:
+        super().__init__(message)
+        self.library = library
+
+
 def _build_best(compiler: str) -> Path:
-    """The kernel with vector math where the toolchain has it, else without."""
-    if _vector_math_possible():
-        try:
-            return _build(compiler, vector_math=True)
-        except RuntimeError:
-            pass  # no libmvec: the scalar build below is the same kernel, slower gates
-    return _build(compiler)
+    """The kernel with vector math where the toolchain has it, else without.
+
+    When the vector-math build fails but the plain one succeeds, the toolchain lacks the
+    vector library: a ``.failed`` note beside the would-be library sends later processes
+    straight to the plain build (a source error fails both and is not remembered).
+    """
+    if not _vector_math_possible():
+        return _build(compiler)
+    try:
+        return _build(compiler, vector_math=True)
+    except BuildError as vector_failure:
+        library = _build(compiler)
+        vector_failure.library.with_suffix(".failed").write_text(str(vector_failure))
+        return library
 
 
 ENTRY_POINTS = {
@@ -607,6 +619,8 @@ class FusedTDStep:
         self._entry: Any = None
         self._bound: tuple[Any, ...] = ()
         self._stage_arrays: list[Any] = []  # pointer arrays the kernel reads (keep alive)
+        self._optimized: list[Tensor] = []  # the parameters whose optimiser state is bound
+        self._arguments: tuple[Any, ...] = ()  # (byref(td), byref(learner args))
 
     def step(
         self,
@@ -632,7 +646,7 @@ class FusedTDStep:
         tensors = self._tensors(layout)
         if len(tensors) != len(self._bound) or not all(map(operator.is_, tensors, self._bound)):
             self._bind(layout)
-            self._bound = tensors
+            self._bound = self._tensors(layout)  # binding may have created optimiser state
         td = self._td
         groups = predictor.optimizer.param_groups
         td.head_lr = groups[0]["lr"]
@@ -648,11 +662,10 @@ class FusedTDStep:
         else:
             td.discount = None
             td.gamma = gamma
-        prediction = torch.empty(
-            (observation.shape[0], predictor.n_cumulants), dtype=observation.dtype
-        )
+        streams, dtype = observation.shape[0], observation.dtype
+        prediction = torch.empty(streams, predictor.n_cumulants, dtype=dtype)
         td.prediction = prediction.data_ptr()
-        if self._entry(ctypes.byref(td), ctypes.byref(self._learner_args)) != 0:
+        if self._entry(*self._arguments) != 0:
             if isinstance(layout, DenseTangent) and layout.step_refused is not None:
                 layout.step_refused()
             return None
@@ -686,7 +699,13 @@ class FusedTDStep:
             predictor.head_weight,
             predictor.head_trace,
             *predictor.learner_traces.values(),
-            *(tensor for state in self._optimizer_states() for tensor in state),
+            # The optimiser's state tensors of the parameters bound last time (a parameter
+            # replaced or a state not yet created changes this tuple as well).
+            *(
+                tensor
+                for param in self._optimized
+                for tensor in predictor.optimizer.state.get(param, {}).values()
+            ),
             *layout.tensors(),
         )
 
@@ -725,6 +744,9 @@ class FusedTDStep:
             arguments.beta1, arguments.beta2 = (float(beta) for beta in group["betas"])
             arguments.eps = group["eps"]
         states = self._optimizer_states()
+        self._optimized = [predictor.head_weight]
+        if self._trains_learner():
+            self._optimized += list(learner.params.values())
         td.head_state_a, td.head_state_b, td.head_step = map(_pointer, states[0])
         if td.train_learner and len(predictor.learner_traces) == 1:
             (trace,) = predictor.learner_traces.values()
@@ -750,6 +772,7 @@ class FusedTDStep:
             self._learner_args = _snap_args(layout)
             name = "td_snap1"
         self._entry = getattr(self._library, f"{name}_{self._dtype_name}")
+        self._arguments = (ctypes.byref(td), ctypes.byref(self._learner_args))
 
     def _elementwise_args(self, layout: ElementwiseCells) -> tuple[ElementwiseArgs, list[Any]]:
         """``ElementwiseArgs`` for ``layout``: per parameter, its trace and optimiser state."""

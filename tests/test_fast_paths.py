@@ -360,6 +360,18 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
             warnings.simplefilter("error", fused.FusedKernelWarning)  # no warning: a quiet fallback
             assert fused.load_library() is not None
         assert len(list((tmp_path / "kernels").glob("*.failed"))) == 1  # not retried next time
+        fused.load_library.cache_clear()
+        compilations = []
+        real_run = fused.subprocess.run
+
+        def counting_run(command, **options):
+            if "-o" in command:
+                compilations.append(command)
+            return real_run(command, **options)
+
+        monkeypatch.setattr(fused.subprocess, "run", counting_run)
+        assert fused.load_library() is not None
+        assert compilations == []  # the next process neither retries nor rebuilds
         run_both("columnar", 40)
         run_both("tbptt", 40)
     finally:
