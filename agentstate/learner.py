@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -165,11 +165,14 @@ class StateLearner(abc.ABC):
         self._check_input(v, "v", (self.streams, self.n_features))
         return self._grad(v)
 
-    def reset(self, mask: Tensor | None = None) -> None:
+    def reset(self, mask: Tensor | None = None, *, in_place: bool = False) -> None:
         """Zero the recurrent state and credit-assignment memory of the masked streams.
 
         Args:
             mask: ``[streams]`` bool; ``None`` resets every stream.
+            in_place: zero the carry tensors themselves rather than replacing them. Only for
+                an owner of the carry that advances it in place anyway (the fused TD step):
+                a tensor handed out by ``step`` earlier would change with it.
         """
         if mask is None:
             mask = torch.ones(self.streams, dtype=torch.bool, device=self.device)
@@ -183,9 +186,13 @@ class StateLearner(abc.ABC):
                 f"got {_describe(mask)}"
             )
         mask = mask.to(self.device)
-        self.carry = tuple(
-            part.masked_fill(mask.view(-1, *([1] * (part.dim() - 1))), 0.0) for part in self.carry
-        )
+        if in_place:
+            zero_streams_(self.carry, mask)
+        else:
+            self.carry = tuple(
+                part.masked_fill(mask.view(-1, *([1] * (part.dim() - 1))), 0.0)
+                for part in self.carry
+            )
         self._reset_credit(mask)
 
     def state_dict(self) -> dict[str, Any]:
@@ -276,6 +283,17 @@ class StateLearner(abc.ABC):
             f"n_features={self.n_features}, streams={self.streams}, params={mode}, "
             f"dtype={self.dtype})"
         )
+
+
+def zero_streams_(tensors: Iterable[Tensor], mask: Tensor, dim: int = 0) -> None:
+    """Zero, in place, the entries of the streams in ``mask: [B] bool`` along ``dim``.
+
+    Finds the streams once and fills by index: ~2 µs per tensor, where boolean indexing
+    (``tensor[mask] = 0``) searches the mask again for every tensor (~12 µs each).
+    """
+    streams = mask.nonzero().squeeze(1)
+    for tensor in tensors:
+        tensor.index_fill_(dim, streams, 0)
 
 
 def _describe(value: Any) -> str:

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from agentstate.fused import ColumnStages
 from agentstate.hookspecs import hookimpl
-from agentstate.learner import Carry, StateLearner
+from agentstate.learner import Carry, StateLearner, zero_streams_
 from agentstate.registry import LearnerSpec
 
 from .columnar import N_GATES, column_preactivations, column_sensitivities, gate_activations
@@ -343,8 +343,7 @@ class CCNLearner(StateLearner):
         return {"weight": v_active[..., None, None] * self.sensitivity_h}
 
     def _reset_credit(self, mask: Tensor) -> None:
-        self.sensitivity_h[mask] = 0.0
-        self.sensitivity_c[mask] = 0.0
+        zero_streams_((self.sensitivity_h, self.sensitivity_c), mask)
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity_h": self.sensitivity_h, "sensitivity_c": self.sensitivity_c}

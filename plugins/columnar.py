@@ -31,7 +31,7 @@ from torch import Tensor
 
 from agentstate.fused import ColumnStages
 from agentstate.hookspecs import hookimpl
-from agentstate.learner import Carry, StateLearner
+from agentstate.learner import Carry, StateLearner, zero_streams_
 from agentstate.registry import LearnerSpec
 
 GATE_I, GATE_F, GATE_G, GATE_O = range(4)
@@ -216,8 +216,7 @@ class ColumnarLearner(StateLearner):
         return {"weight": v[..., None, None] * self.sensitivity_h}
 
     def _reset_credit(self, mask: Tensor) -> None:
-        self.sensitivity_h[mask] = 0.0
-        self.sensitivity_c[mask] = 0.0
+        zero_streams_((self.sensitivity_h, self.sensitivity_c), mask)
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity_h": self.sensitivity_h, "sensitivity_c": self.sensitivity_c}

@@ -198,3 +198,28 @@ def test_engine_follows_a_constructive_learner_across_stages():
         *learner.params["weight"].shape[1:],
     )
     assert engine.optimizer.param_groups[1]["params"][0] is learner.params["weight"]
+
+
+def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
+    """Resetting replaces no tensor the kernel is bound to, so it is not bound again."""
+    from agentstate import fused
+
+    if fused.load_library() is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    binds = []
+    bind = fused.FusedTDStep._bind
+
+    def counting_bind(self, layout):
+        binds.append(layout)
+        bind(self, layout)
+
+    monkeypatch.setattr(fused.FusedTDStep, "_bind", counting_bind)
+    learner = agentstate.make_learner("columnar", 3, streams=4, n_features=2, seed=0)
+    predictor = TDPredictor(learner, 1, TDConfig(backend="fused"))
+    carry = learner.carry
+    start = torch.tensor([False, True, False, False])
+    for _ in range(5):
+        predictor.step(torch.ones(4, 3), torch.ones(4, 1), episode_start=start)
+    assert len(binds) == 1
+    assert all(part is before for part, before in zip(learner.carry, carry, strict=True))
+    assert torch.count_nonzero(learner.sensitivity_h[1]) > 0  # one step since its reset
