@@ -17,8 +17,8 @@ updates its own copy. ``gamma_t = 0`` marks the end of an episode: no bootstrapp
 
 Two implementations of the step, chosen by ``TDConfig.backend``: the eager one below (torch
 ops; any learner, device and optimiser: the reference) and ``agentstate.fused`` (the same step
-in one compiled call for learners that provide a ``fused_layout``: columnar, CCN, T-BPTT, on
-the CPU). They agree to rounding, and the tests hold them to it.
+in one compiled call for learners that provide a ``fused_layout``: columnar, CCN, T-BPTT,
+eLSTM, UORO and SnAp-1, on the CPU). They agree to rounding, and the tests hold them to it.
 """
 
 from __future__ import annotations
