@@ -18,9 +18,9 @@ def add_parser(verbs: Any) -> None:
     parser = verbs.add_parser(
         "bench",
         help="speed of the TD step: fused vs eager vs naive, triad bandwidth, scaling slopes",
-        description="Time the TD(lambda) step of every benchmark case (float32, one thread), "
-        "the STREAM triad, and the per-step cost from 1e3 to 1e6 parameters; print markdown "
-        "tables (about 6 minutes).",
+        description="Time the TD(lambda) step of every benchmark case (float32, one thread; "
+        "the fused kernel also on every core), the STREAM triad, and the per-step cost from "
+        "1e3 to 1e6 parameters; print markdown tables (about 5 minutes).",
     )
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument(
