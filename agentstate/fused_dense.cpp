@@ -20,6 +20,10 @@ namespace {
 // in cache while every stream adds to it.
 constexpr index CHUNK_ENTRIES = index(1) << 14;
 
+// Rows shorter than this go through a sweep body's scratch (see sweep_rows); longer ones
+// vectorise on their own, and the extra pass over the scratch would only cost.
+constexpr index SHORT_ROW = 64;
+
 // out[b * rows + r] = weight_p[r] . input_b (+ offset_p[r]) for every stream b, with weight
 // row r at weight + (p * rows + r) * row_stride (the first `width` entries are used) and, if
 // given, masked by row r % mask_rows of `mask` ([mask_rows, width], 0 or 1: the masked weight
@@ -73,10 +77,13 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
 }
 
 // The sweep over `rows` weight rows of `row_entries` update entries each: per chunk of rows,
-// body(b, first_row, last_row, update) for every stream b, adding the TD update of those rows
-// to `update` ([rows in chunk, row_entries]); apply(p, first_row, last_row, update, divisor)
-// then steps the optimiser: once per chunk with the sum over streams (shared parameters,
-// divisor B: the mean), or after each stream's body (independent ones, p = b).
+// body(b, first_row, last_row, update, scratch) for every stream b, adding the TD update of
+// those rows to `update` (rows in chunk x row_entries, laid out as the body and apply agree);
+// apply(p, first_row, last_row, update, divisor) then steps the optimiser: once per chunk with
+// the sum over streams (shared parameters, divisor B: the mean), or after each stream's body
+// (independent ones, p = b). `scratch` (as large as `update`) is the thread's own: a body
+// stages per-row products there so that its trace and update loops run over the whole chunk
+// at once (rows of a small network are too short to vectorise one by one).
 template <typename T, typename Body, typename Apply>
 void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index work, bool train,
                 const Body& body, const Apply& apply) {
@@ -86,14 +93,14 @@ void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index wo
       1, std::min({rows, CHUNK_ENTRIES / row_entries, (rows + threads - 1) / threads}));
   const index chunks = (rows + chunk - 1) / chunk;
   parallel_for(chunks, threads, [&](index first_chunk, index last_chunk) {
-    std::vector<T> update(train ? chunk * row_entries : 0);
+    std::vector<T> update(train ? chunk * row_entries : 0), scratch(chunk * row_entries);
     for (index at = first_chunk; at < last_chunk; ++at) {
       const index first = at * chunk, last = std::min(rows, first + chunk);
       const index count = (last - first) * row_entries;
       if (train && P == 1) std::fill_n(update.data(), count, T(0));
       for (index b = 0; b < B; ++b) {
         if (train && P != 1) std::fill_n(update.data(), count, T(0));
-        body(b, first, last, update.data());
+        body(b, first, last, update.data(), scratch.data());
         if (train && P != 1) apply(b, first, last, update.data(), T(1));
       }
       if (train && P == 1) apply(index(0), first, last, update.data(), T(B));
@@ -164,6 +171,7 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
                      preactivation.data());
   std::vector<T> c_prev(c_carry, c_carry + B * N), kappa(B * rows), dc_dc_prev(B * N);
   std::vector<T> output_input(B * output_width);  // [x; c_t]
+  std::vector<T> candidates(N), forgets(N);
   for (index b = 0; b < B; ++b) {
     const index p = P == 1 ? 0 : b;
     const T* __restrict a_z = preactivation.data() + b * rows;
@@ -176,10 +184,17 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
     T* __restrict decay_b = dc_dc_prev.data() + b * N;
     T* __restrict c_new = output_input.data() + b * output_width + D;
     std::copy_n(x + b * D, D, output_input.data() + b * output_width);
+    T* __restrict candidate_b = candidates.data();
+    T* __restrict forget_b = forgets.data();
+    // The gates in a loop of their own: it vectorises, calling the vector tanh and exp.
 #pragma omp simd
     for (index i = 0; i < N; ++i) {
-      const T candidate = rounded_tanh(multiply_add(w_z[i], c_old[i], a_z[i]));
-      const T forget = rounded_sigmoid(multiply_add(w_f[i], c_old[i], a_f[i]));
+      candidate_b[i] = rounded_tanh(multiply_add(w_z[i], c_old[i], a_z[i]));
+      forget_b[i] = rounded_sigmoid(multiply_add(w_f[i], c_old[i], a_f[i]));
+    }
+#pragma omp simd
+    for (index i = 0; i < N; ++i) {
+      const T candidate = candidate_b[i], forget = forget_b[i];
       c_new[i] = lerp(candidate, c_old[i], forget);  // f c_t-1 + (1 - f) z
       const T one_minus_forget = T(1) - forget;
       kappa_z[i] = one_minus_forget * (T(1) - candidate * candidate);
@@ -230,38 +245,53 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
         }
 
     // W_o, b_o: update from the old traces, then trace = decay trace + e [x; c_t]^T, e.
+    // The update of a chunk is [rows, D + N] (W_o) then [rows] (b_o).
     const ParameterOptimizer<T>& output_optimizer = *optimizers[OUTPUT_WEIGHT];
     const ParameterOptimizer<T>& output_bias_optimizer = *optimizers[OUTPUT_BIAS];
     T* output_trace = traces[OUTPUT_WEIGHT];     // [K, B, N, D + N]
     T* output_bias_trace = traces[OUTPUT_BIAS];  // [K, B, N]
-    const index output_entries = output_width + 1;
     sweep_rows(
-        engine, N, output_entries, B * N * output_width * (K + 1), true,
-        [&](index b, index first, index last, T* update) {
+        engine, N, output_width + 1, B * N * output_width * (K + 1), true,
+        [&](index b, index first, index last, T* update, T* scratch) {
+          const index count = last - first, entries = count * output_width;
           const T* __restrict z = output_input.data() + b * output_width;
-          for (index r = first; r < last; ++r) {
-            T* __restrict u = update + (r - first) * output_entries;
-            for (index q = 0; q < K; ++q) {
-              const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
-              const T e_r = output_v[(b * K + q) * N + r];
-              T* __restrict e = output_trace + ((q * B + b) * N + r) * output_width;
-              for (index i = 0; i < output_width; ++i) {
+          const T decay = engine.trace_decay[b];
+          for (index q = 0; q < K; ++q) {
+            const T error = engine.delta[b * K + q];
+            const T* __restrict e_rows = output_v.data() + (b * K + q) * N + first;
+            T* __restrict e = output_trace + ((q * B + b) * N + first) * output_width;
+            T* __restrict u = update;
+            if (output_width < SHORT_ROW) {  // e [x; c_t]^T staged, then one loop
+              T* __restrict outer = scratch;
+              for (index r = 0; r < count; ++r)
+                for (index i = 0; i < output_width; ++i) outer[r * output_width + i] = e_rows[r] * z[i];
+              for (index i = 0; i < entries; ++i) {
                 u[i] += error * e[i];
-                e[i] = e[i] * decay + e_r * z[i];
+                e[i] = e[i] * decay + outer[i];
               }
-              T& e_bias = output_bias_trace[(q * B + b) * N + r];
-              u[output_width] += error * e_bias;
-              e_bias = e_bias * decay + e_r;
+            } else {
+              for (index r = 0; r < count; ++r) {
+                const index at = r * output_width;
+                for (index i = 0; i < output_width; ++i) {
+                  u[at + i] += error * e[at + i];
+                  e[at + i] = e[at + i] * decay + e_rows[r] * z[i];
+                }
+              }
+            }
+            T* __restrict e_bias = output_bias_trace + (q * B + b) * N + first;
+            T* __restrict u_bias = update + entries;
+            for (index r = 0; r < count; ++r) {
+              u_bias[r] += error * e_bias[r];
+              e_bias[r] = e_bias[r] * decay + e_rows[r];
             }
           }
         },
         [&](index p, index first, index last, const T* update, T divisor) {
-          for (index r = first; r < last; ++r) {
-            const T* u = update + (r - first) * output_entries;
-            output_optimizer.apply(output_weight, (p * N + r) * output_width, u, divisor,
-                                   output_width);
-            output_bias_optimizer.apply(output_bias, p * N + r, u + output_width, divisor, 1);
-          }
+          const index count = last - first;
+          output_optimizer.apply(output_weight, (p * N + first) * output_width, update, divisor,
+                                 count * output_width);
+          output_bias_optimizer.apply(output_bias, p * N + first, update + count * output_width,
+                                      divisor, count);
         });
 
     // v . dh_t/dc_t = v o + W_o[:, D:]^T e with the updated W_o, summed over rows in order.
@@ -287,13 +317,15 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
   }
 
   // Gate rows: S = D_t S + kappa [x; c_t-1; 1]; update from the old traces; then
-  // trace = decay trace + (v . dh_t/dc_t) S for W_g, w_g, b_g.
+  // trace = decay trace + (v . dh_t/dc_t) S for W_g, w_g, b_g. The update of a chunk is
+  // [rows, D] (W_g), then [rows] (w_g), then [rows] (b_g), as the traces lie.
   T* input_trace = traces[GATE_INPUT_WEIGHT];  // [K, B, 2, N, D]
   T* cell_trace = traces[GATE_CELL_WEIGHT];    // [K, B, 2, N]
   T* bias_trace = traces[GATE_BIAS];           // [K, B, 2, N]
   sweep_rows(
       engine, rows, width, B * rows * width * (train ? K + 1 : 1), train,
-      [&](index b, index first, index last, T* update) {
+      [&](index b, index first, index last, T* update, T* scratch) {
+        const index count = last - first;
         const T* __restrict x_b = x + b * D;
         for (index r = first; r < last; ++r) {
           const index unit = r % N;
@@ -302,32 +334,49 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
           for (index i = 0; i < D; ++i) s[i] = multiply_add(kappa_r, x_b[i], s[i] * scale);
           s[D] = multiply_add(kappa_r, c_prev[b * N + unit], s[D] * scale);
           s[D + 1] = s[D + 1] * scale + kappa_r;
-          if (!train) continue;
-          T* __restrict u = update + (r - first) * width;
-          for (index q = 0; q < K; ++q) {
-            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
-            const T g = cell_weight_v[(b * K + q) * N + unit];
-            const index row = (q * B + b) * rows + r;
-            T* __restrict e = input_trace + row * D;
-            for (index i = 0; i < D; ++i) {
-              u[i] += error * e[i];
-              e[i] = e[i] * decay + g * s[i];
-            }
-            u[D] += error * cell_trace[row];
-            cell_trace[row] = cell_trace[row] * decay + g * s[D];
-            u[D + 1] += error * bias_trace[row];
-            bias_trace[row] = bias_trace[row] * decay + g * s[D + 1];
+        }
+        if (!train) return;
+        // (v . dh_t/dc_t) S, laid out as the update: [rows, D], [rows], [rows].
+        T* __restrict weighted_input = scratch;
+        T* __restrict weighted_cell = scratch + count * D;
+        T* __restrict weighted_bias = weighted_cell + count;
+        const T decay = engine.trace_decay[b];
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q];
+          const T* g = cell_weight_v.data() + (b * K + q) * N;
+          for (index r = 0; r < count; ++r) {
+            const T g_r = g[(first + r) % N];
+            const T* __restrict s = sensitivity + (b * rows + first + r) * width;
+            for (index i = 0; i < D; ++i) weighted_input[r * D + i] = g_r * s[i];
+            weighted_cell[r] = g_r * s[D];
+            weighted_bias[r] = g_r * s[D + 1];
+          }
+          const index row = (q * B + b) * rows + first;
+          T* __restrict e = input_trace + row * D;
+          T* __restrict u = update;
+          for (index i = 0; i < count * D; ++i) {
+            u[i] += error * e[i];
+            e[i] = e[i] * decay + weighted_input[i];
+          }
+          T* __restrict e_cell = cell_trace + row;
+          T* __restrict e_bias = bias_trace + row;
+          T* __restrict u_cell = update + count * D;
+          T* __restrict u_bias = u_cell + count;
+          for (index r = 0; r < count; ++r) {
+            u_cell[r] += error * e_cell[r];
+            e_cell[r] = e_cell[r] * decay + weighted_cell[r];
+            u_bias[r] += error * e_bias[r];
+            e_bias[r] = e_bias[r] * decay + weighted_bias[r];
           }
         }
       },
       [&](index p, index first, index last, const T* update, T divisor) {
-        for (index r = first; r < last; ++r) {
-          const T* u = update + (r - first) * width;
-          const index row = p * rows + r;
-          optimizers[GATE_INPUT_WEIGHT]->apply(gate_input_weight, row * D, u, divisor, D);
-          optimizers[GATE_CELL_WEIGHT]->apply(gate_cell_weight, row, u + D, divisor, 1);
-          optimizers[GATE_BIAS]->apply(gate_bias, row, u + D + 1, divisor, 1);
-        }
+        const index count = last - first, row = p * rows + first;
+        optimizers[GATE_INPUT_WEIGHT]->apply(gate_input_weight, row * D, update, divisor,
+                                             count * D);
+        optimizers[GATE_CELL_WEIGHT]->apply(gate_cell_weight, row, update + count * D, divisor,
+                                            count);
+        optimizers[GATE_BIAS]->apply(gate_bias, row, update + count * D + count, divisor, count);
       });
   engine.finish();
   return 0;
@@ -465,7 +514,7 @@ int td_uoro(const TDArgs& td, const TangentArgs& uoro) {
   auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
   sweep_rows(
       engine, rows, m, B * rows * m * (train ? K + 2 : 2), train,
-      [&](index b, index first, index last, T* update) {
+      [&](index b, index first, index last, T* update, T*) {
         const T* __restrict z = cell_input.data() + b * m;
         const T scale = rho_0[b];
         for (index r = first; r < last; ++r) {
@@ -524,7 +573,7 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
 
   // Per stream and unit: kappa, dh/da, and the diagonal of the state Jacobian.
   std::vector<T> dc_da(B * rows), dh_da(B * rows), forget(B * n), dh_dc_prev(B * n);
-  std::vector<T> dh_dh_prev(B * n), dc_dh_prev(B * n);
+  std::vector<T> dh_dh_prev(B * n), dc_dh_prev(B * n), gates(N_GATES * n), cell_tanh(n);
   for (index b = 0; b < B; ++b) {
     const T* __restrict a = preactivation.data() + b * rows;
     const T* __restrict w = weight + (P == 1 ? 0 : b) * rows * m;
@@ -532,14 +581,25 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
     T* __restrict dh = dh_da.data() + b * rows;
     T* __restrict c_b = c_carry + b * n;
     T* __restrict h_b = h_carry + b * n;
+    // The gates and tanh(c_t) in loops of their own: they vectorise, calling the vector
+    // tanh and exp.
+    T* __restrict gate = gates.data();
+    T* __restrict tanh_c_b = cell_tanh.data();
+#pragma omp simd
+    for (index r = 0; r < rows; ++r) gate[r] = rounded_sigmoid(a[r]);
+#pragma omp simd
+    for (index i = 0; i < n; ++i) gate[GATE_G * n + i] = rounded_tanh(a[GATE_G * n + i]);
+#pragma omp simd
     for (index i = 0; i < n; ++i) {
-      const T i_gate = rounded_sigmoid(a[GATE_I * n + i]);
-      const T f_gate = rounded_sigmoid(a[GATE_F * n + i]);
-      const T candidate = rounded_tanh(a[GATE_G * n + i]);
-      const T o_gate = rounded_sigmoid(a[GATE_O * n + i]);
+      tanh_c_b[i] = rounded_tanh(multiply_add(gate[GATE_I * n + i], gate[GATE_G * n + i],
+                                              gate[GATE_F * n + i] * c_b[i]));
+    }
+    for (index i = 0; i < n; ++i) {
+      const T i_gate = gate[GATE_I * n + i], f_gate = gate[GATE_F * n + i];
+      const T candidate = gate[GATE_G * n + i], o_gate = gate[GATE_O * n + i];
       const T c_prev = c_b[i];
       const T c_new = multiply_add(i_gate, candidate, f_gate * c_prev);
-      const T tanh_c = rounded_tanh(c_new);
+      const T tanh_c = tanh_c_b[i];
       const T mu = o_gate * (T(1) - tanh_c * tanh_c);
       kappa[GATE_I * n + i] = candidate * i_gate * (T(1) - i_gate);
       kappa[GATE_F * n + i] = c_prev * f_gate * (T(1) - f_gate);
@@ -576,7 +636,7 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
   auto* trace = static_cast<T*>(td.learner_trace);  // [K, B, 4, n, m]
   sweep_rows(
       engine, rows, m, B * rows * m * (train ? K + 2 : 2), train,
-      [&](index b, index first, index last, T* update) {
+      [&](index b, index first, index last, T* update, T* scratch) {
         const T* __restrict z = cell_input.data() + b * m;
         for (index r = first; r < last; ++r) {
           const index unit = r % n;
@@ -594,16 +654,23 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
             sh[j] = multiply_add(dh, masked_input, multiply_add(sc[j], h_from_c, sh[j] * h_from_h));
             sc[j] = sc_new;
           }
-          if (!train) continue;
-          T* __restrict u = update + (r - first) * m;
-          for (index q = 0; q < K; ++q) {
-            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
-            const T v = engine.v(b, q, unit);
-            T* __restrict e = trace + ((q * B + b) * rows + r) * m;
-            for (index j = 0; j < m; ++j) {
-              u[j] += error * e[j];
-              e[j] = e[j] * decay + v * sh[j];
-            }
+        }
+        if (!train) return;
+        const index entries = (last - first) * m;
+        const T* __restrict sh = sensitivity_h + (b * rows + first) * m;
+        T* __restrict weighted = scratch;  // v_i S^h: [rows, m]
+        const T decay = engine.trace_decay[b];
+        for (index q = 0; q < K; ++q) {
+          const T error = engine.delta[b * K + q];
+          for (index r = first; r < last; ++r) {
+            const T v = engine.v(b, q, r % n);
+            const index at = (r - first) * m;
+            for (index j = 0; j < m; ++j) weighted[at + j] = v * sh[at + j];
+          }
+          T* __restrict e = trace + ((q * B + b) * rows + first) * m;
+          for (index i = 0; i < entries; ++i) {
+            update[i] += error * e[i];
+            e[i] = e[i] * decay + weighted[i];
           }
         }
       },

@@ -376,3 +376,17 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
         run_both("tbptt", 40)
     finally:
         fused.load_library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("elstm", {"n_features": 60}),  # input + cells >= 64: the row-by-row output sweep
+        ("tbptt", {"n_features": 4, "truncation": 11}),  # more ages than the unrolled sums
+        ("columnar", {"n_features": 700}),  # several chunks of columns per sweep
+    ],
+)
+def test_large_shapes_take_their_own_loops_and_still_match_eager(name, options, monkeypatch):
+    monkeypatch.setitem(LEARNERS, name, options)
+    run_both(name, 30)
