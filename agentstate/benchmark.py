@@ -388,9 +388,10 @@ def measure_scaling(
     }
     row["met"] = band[0] <= row["slope"] <= band[1]
     if points and all("step_us_threads" in p for p in points):
+        # Information, not the target (1 thread): the extra threads engage above
+        # ``fused.PARALLEL_GRAIN`` only, so they bend the large end down by design.
         row["threads"] = threads
         row["slope_threads"] = fitted_slope(along, [p["step_us_threads"] for p in points])
-        row["met_threads"] = band[0] <= row["slope_threads"] <= band[1]
     return row
 
 
@@ -560,8 +561,9 @@ def markdown(report: Report) -> str:
         f"Scaling: µs per step of all {SCALING_STREAMS} streams (`parameters p: µs on 1 thread "
         f"/ on {many}` for fused learners) from ~1e3 to ~1e6 parameters per network; slope of "
         "the log-log least-squares fit against parameters (target "
-        f"{LINEAR_SLOPE[0]}–{LINEAR_SLOPE[1]}), for T-BPTT against its hidden units (target "
-        f"{QUADRATIC_SLOPE[0]}–{QUADRATIC_SLOPE[1]}, with its slope against parameters).",
+        f"{LINEAR_SLOPE[0]}–{LINEAR_SLOPE[1]} on 1 thread), for T-BPTT against its hidden units "
+        f"(target {QUADRATIC_SLOPE[0]}–{QUADRATIC_SLOPE[1]}, with its slope against parameters). "
+        f"The {many}-thread slope is for information: extra threads engage only on large steps.",
         "",
         "| learner | backend | inputs | "
         + " | ".join(f"size {i + 1}" for i in range(sizes))
@@ -580,7 +582,7 @@ def markdown(report: Report) -> str:
         if row["slope_against"] != "parameters":
             slope += f" vs units ({row['slope_vs_params']:.2f} vs p)"
         threaded = f"{row['slope_threads']:.2f}" if "slope_threads" in row else "–"
-        met = row["met"] and row.get("met_threads", True)
+        met = row["met"]
         lines.append(
             f"| {row['learner']} | {row['backend']} | {row['input_size']} | "
             + " | ".join(cells)

@@ -70,11 +70,12 @@ COMPILER_FLAGS = (
 reductions (dot products) without an OpenMP runtime; ``-pthread``: large steps run on
 several threads (``std::thread``)."""
 
-PARALLEL_GRAIN = 1 << 17
+PARALLEL_GRAIN = 1 << 20
 """Least work (parameter-stream entries of the sweep) that earns a step another thread.
 
-Starting and joining a thread costs ~20-50 µs; a step with 2 x ``PARALLEL_GRAIN`` entries
-takes ~0.5 ms on one thread, so a second thread saves more than it costs. The split never
+Starting and joining a thread costs ~20-50 µs, several times per step; measured on 2 cores,
+a second thread slows steps of ~4e5 entries (~0.15 ms) and speeds up steps of ~6e6 entries
+(~4 ms) 1.6-1.9x, so a thread needs ~1e6 entries of its own. The split never
 changes the numbers (see ``fused_td.cpp``), only the time."""
 
 X86_FLAGS = ("-mprefer-vector-width=256",)
