@@ -359,6 +359,9 @@ inline void prefetch_ahead(const T* a, const T* b, const T* c, index block) {
   }
 }
 
+// Rows up to this long take the across-streams forward pass (see td_columns).
+constexpr index ACROSS_STREAMS_MAX_WIDTH = 64;
+
 // Per (stream, active column): the scalars of the exact RTRL step (plugins/columnar.py).
 template <typename T>
 struct ColumnStep {
@@ -411,14 +414,16 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
             : h_prev;
       }
     }
-    if (P == 1) {
+    // Shared weights and short rows: pre-activations of all streams at once, one multiply-add
+    // per weight and input across the streams. Long rows vectorise along the row instead.
+    const bool across_streams = P == 1 && width <= ACROSS_STREAMS_MAX_WIDTH;
+    if (across_streams) {
       stage_input_by_entry.resize(width * B);
       for (index b = 0; b < B; ++b)
         for (index i = 0; i < width; ++i) stage_input_by_entry[i * B + b] = stage_input[b * width + i];
     }
-    // Per column: the pre-activations of every stream ([4, B]; with shared weights one
-    // multiply-add per weight and input covers all streams), then the gates of every stream
-    // in one vectorised loop.
+    // Per column: the pre-activations of every stream ([4, B]), then the gates of every
+    // stream in one vectorised loop.
     auto forward_columns = [&](index first_column, index last_column) {
       std::vector<T> a(N_GATES * B), h_prev(B), c_prev(B), gates(6 * B);
       T* i_gate = gates.data();
@@ -433,7 +438,7 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
           h_prev[b] = h_carry[b * n + column];
           c_prev[b] = c_carry[b * n + column];
         }
-        if (P == 1) {
+        if (across_streams) {
           const T* w = weights[s] + j * N_GATES * row_size;
           for (index k = 0; k < N_GATES; ++k) {
             const T* row = w + k * row_size;
@@ -448,7 +453,7 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
           }
         } else {
           for (index b = 0; b < B; ++b) {
-            const T* w = weights[s] + (b * L + j) * N_GATES * row_size;
+            const T* w = weights[s] + ((P == 1 ? 0 : b) * L + j) * N_GATES * row_size;
             for (index k = 0; k < N_GATES; ++k) {
               const T* row = w + k * row_size;
               a[k * B + b] = dot(row, stage_input.data() + b * width, width) +
