@@ -390,3 +390,23 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
 def test_large_shapes_take_their_own_loops_and_still_match_eager(name, options, monkeypatch):
     monkeypatch.setitem(LEARNERS, name, options)
     run_both(name, 30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("independent", [False, True])
+def test_long_input_rows_match_eager(independent):
+    """Rows over 64 inputs take per-stream dot products in the forward pass."""
+    generator = torch.Generator().manual_seed(1)
+    predictors = {}
+    for backend in ("eager", "fused"):
+        learner = agentstate.make_learner(
+            "columnar", 70, streams=3, n_features=3, independent_params=independent,
+            dtype=torch.float64, seed=2,
+        )
+        predictors[backend] = TDPredictor(learner, 1, TDConfig(backend=backend, step_size=0.01))
+    for t in range(30):
+        x = (torch.rand(3, 70, generator=generator) < 0.2).double()
+        c = torch.rand(3, 1, generator=generator, dtype=torch.float64)
+        eager, fast = (predictors[b].step(x, c) for b in ("eager", "fused"))
+        assert_relatively_close(fast, eager, 1e-12, f"prediction at step {t}")
+    assert_same_state(predictors["fused"].state_dict(), predictors["eager"].state_dict(), 1e-12)
