@@ -366,7 +366,7 @@ def measure_scaling(
         steps = {"one": with_threads(step, 1)}
         if threads > 1 and backend == "fused":
             steps["many"] = with_threads(step, threads)
-        seconds = time_side_by_side(steps, budget, rounds=1 if len(steps) == 1 else 2)
+        seconds = time_side_by_side(steps, budget, rounds=3)
         point = {"size": size, "params": params, "step_us": seconds["one"] * 1e6}
         if "many" in seconds:
             point["step_us_threads"] = seconds["many"] * 1e6
@@ -478,7 +478,7 @@ def _measure(command: str, quick: bool, log: Callable[[str], None]) -> Report:
             report.bandwidth += bandwidth_rows(case, row)
     for name in SCALING:
         row = measure_scaling(
-            name, 0.02 if quick else 1.0, max_params=2e4 if quick else 2e6, threads=cores
+            name, 0.02 if quick else 2.0, max_params=2e4 if quick else 2e6, threads=cores
         )
         report.scaling.append(row)
         log(f"scaling {name}: slope {row['slope']:.2f} against {row['slope_against']}")
