@@ -39,7 +39,9 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
   auto weight_at = [&](const T* row, index r, index i) {
     return mask ? row[i] * mask[(r % mask_rows) * width + i] : row[i];
   };
-  if (engine.P == 1) {
+  // Shared weights: across streams for short or masked rows; long unmasked rows take the
+  // per-stream dot products below (the across-streams sums stall on their accumulators).
+  if (engine.P == 1 && (width <= ACROSS_STREAMS_MAX_WIDTH || mask)) {
     parallel_for(rows, threads_for(engine.td, B * rows * width, rows), [&](index first, index last) {
       std::vector<T> by_entry(width * B), sum(B);
       for (index b = 0; b < B; ++b)
@@ -63,14 +65,14 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
     for (index b = first; b < last; ++b) {
       const T* __restrict z = input + b * input_stride;
       for (index r = 0; r < rows; ++r) {
-        const T* __restrict row = weight + (b * rows + r) * row_stride;
+        const T* __restrict row = weight + ((engine.P == 1 ? 0 : b) * rows + r) * row_stride;
         T sum = 0;
         if (mask) {
           for (index i = 0; i < width; ++i) sum += weight_at(row, r, i) * z[i];
         } else {
           sum = dot(row, z, width);
         }
-        out[b * rows + r] = offset ? sum + offset[b * rows + r] : sum;
+        out[b * rows + r] = offset ? sum + offset[(engine.P == 1 ? 0 : b) * rows + r] : sum;
       }
     }
   });
