@@ -135,6 +135,10 @@ class ColumnStages(NamedTuple):
             self.sensitivity_c,
         )
 
+    def agent_state(self) -> Tensor:
+        """``h: [B, T]`` of every built column after the last fused step."""
+        return self.carry[0]
+
 
 class DenseWindow(NamedTuple):
     """Tensors of a T-BPTT learner (``agentstate.plugins.tbptt``) advanced in place."""
@@ -156,6 +160,10 @@ class DenseWindow(NamedTuple):
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (self.weight, *self.carry, *self[2:8])
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 class ElementwiseCells(NamedTuple):
@@ -193,6 +201,10 @@ class ElementwiseCells(NamedTuple):
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (*self[:5], *self.carry, self.sensitivity, self.output_gate, self.last_input)
 
+    def agent_state(self) -> Tensor:
+        """``h = o (.) c: [B, N]`` after the last fused step (a new tensor)."""
+        return self.output_gate * self.carry[0]
+
 
 class DenseTangent(NamedTuple):
     """Tensors of a UORO learner (``agentstate.plugins.uoro``) advanced in place."""
@@ -214,10 +226,16 @@ class DenseTangent(NamedTuple):
     step_taken: Callable[[], None] | None = None
     step_refused: Callable[[], None] | None = None
     """Called when the kernel refused the step (non-finite inputs): un-draws the signs."""
+    draw_signs: Callable[[], None] | None = None
+    """Called right before the kernel: fills ``sign_bits`` with this step's signs."""
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (self.weight, *self.carry, *self[2:6])
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 class OwnUnitSensitivities(NamedTuple):
@@ -238,6 +256,10 @@ class OwnUnitSensitivities(NamedTuple):
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (self.weight, *self.carry, self.sensitivity_h, self.sensitivity_c, self.weight_mask)
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 Layout = ColumnStages | DenseWindow | ElementwiseCells | DenseTangent | OwnUnitSensitivities
@@ -677,6 +699,8 @@ class FusedTDStep:
         streams, dtype = observation.shape[0], observation.dtype
         prediction = torch.empty(streams, predictor.n_cumulants, dtype=dtype)
         td.prediction = prediction.data_ptr()
+        if isinstance(layout, DenseTangent) and layout.draw_signs is not None:
+            layout.draw_signs()
         if self._entry(*self._arguments) != 0:
             if isinstance(layout, DenseTangent) and layout.step_refused is not None:
                 layout.step_refused()

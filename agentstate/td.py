@@ -132,6 +132,7 @@ class TDPredictor:
         self.learner_traces: dict[str, Tensor] = {}
         self.optimizer: torch.optim.Optimizer = self._build_optimizer()
         self._fused = self._fused_step()
+        self._eager_state: Tensor | None = None  # h_t of the latest eager step
 
     def _fused_step(self) -> fused.FusedTDStep | None:
         """The fused step if ``config.backend`` asks for it and it applies, else None."""
@@ -150,6 +151,19 @@ class TDPredictor:
     def backend(self) -> str:
         """The implementation in use: ``fused`` or ``eager``."""
         return "eager" if self._fused is None else "fused"
+
+    @property
+    def agent_state(self) -> Tensor:
+        """``h_t: [B, n_features]``, the learner's output that the latest step's heads read.
+
+        Valid until the next step (the fused kernel advances its tensors in place): copy it
+        to keep it.
+        """
+        if self._fused is not None:
+            return self.learner.fused_layout().agent_state()  # type: ignore[attr-defined]
+        if self._eager_state is None:
+            raise RuntimeError("agent_state: no step has been taken yet; call step() first")
+        return self._eager_state
 
     # ---------------------------------------------------------------- set-up
     def _normalizer(self, size: int, enabled: bool) -> OnlineNormalizer:
@@ -259,6 +273,7 @@ class TDPredictor:
         normalized_observation = self.input_normalizer.normalize(observation)
         self.input_normalizer.update(observation)
         state = learner.step(normalized_observation)
+        self._eager_state = state
         if self._learner_params_changed():  # e.g. a constructive learner's next stage
             self.optimizer = self._build_optimizer()
         feature_std = self.feature_normalizer.std

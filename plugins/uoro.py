@@ -103,14 +103,19 @@ class UOROLearner(DenseLSTMLearner):
     def fused_layout(self) -> DenseTangent:
         """The tensors the fused TD step advances in place (``agentstate.fused``).
 
-        Draws this step's signs, as the eager step does at the same point of the TD step; if
-        the kernel refuses the step, the generator goes back to where it was.
+        No side effect: the fused step calls ``draw_signs`` right before the kernel (where
+        the eager step draws them) and, if the kernel refuses the step, ``step_refused``,
+        which puts the generator back.
         """
-        generator_state = self.generator.get_state()
-        self._draw_sign_bits()
+        drawn_from: list[Tensor] = []
+
+        def draw_signs() -> None:
+            drawn_from[:] = [self.generator.get_state()]
+            self._draw_sign_bits()
 
         def undraw() -> None:
-            self.generator.set_state(generator_state)
+            if drawn_from:
+                self.generator.set_state(drawn_from.pop())
 
         return DenseTangent(
             self.params["weight"],
@@ -121,6 +126,7 @@ class UOROLearner(DenseLSTMLearner):
             self._sign_bits,
             self.config.epsilon,
             step_refused=undraw,
+            draw_signs=draw_signs,
         )
 
     def _advance(self, x: Tensor) -> Tensor:

@@ -223,3 +223,23 @@ def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
     assert len(binds) == 1
     assert all(part is before for part, before in zip(learner.carry, carry, strict=True))
     assert torch.count_nonzero(learner.sensitivity_h[1]) > 0  # one step since its reset
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_agent_state_is_what_the_heads_read(backend):
+    from agentstate import fused
+
+    if backend == "fused" and fused.load_library() is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    learner = agentstate.make_learner("elstm", 3, streams=2, n_features=4, seed=0)
+    twin = agentstate.make_learner("elstm", 3, streams=2, n_features=4, seed=0)
+    settings = TDConfig(backend=backend, normalize_inputs=False, train_learner=False)
+    predictor = TDPredictor(learner, 1, settings)
+    if backend == "eager":
+        with pytest.raises(RuntimeError, match="no step has been taken"):
+            predictor.agent_state  # noqa: B018
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(2, 3, generator=generator)
+        predictor.step(x, torch.zeros(2, 1))
+        torch.testing.assert_close(predictor.agent_state, twin.step(x))

@@ -366,15 +366,19 @@ def test_terminal_predictions_without_stepping_equal_the_engine_predictions():
     torch.testing.assert_close(expected, actual)
 
 
-@pytest.mark.parametrize("learner", ["columnar", "tbptt"])
+@pytest.mark.parametrize("learner", ["columnar", "ccn", "tbptt", "elstm", "uoro", "snap1"])
 def test_the_agent_state_is_the_same_with_the_fused_and_the_eager_engine(learner):
-    """The state is read from the fused kernel's carry, or computed beside the eager step."""
-    fused = wrap(gym.make("CartPole-v1"), learner=learner, cumulants="reward+observation")
+    """The state is read from the fused kernel's tensors, or computed beside the eager step."""
+    options = {"columns_per_stage": 2, "steps_per_stage": 20} if learner == "ccn" else {}
+    fused = wrap(
+        gym.make("CartPole-v1"), learner=learner, cumulants="reward+observation", **options
+    )
     eager = wrap(
         gym.make("CartPole-v1"),
         learner=learner,
         cumulants="reward+observation",
         td_options={"backend": "eager"},
+        **options,
     )
     assert eager.predictor.backend == "eager"
     if fused.predictor.backend != "fused":

@@ -383,16 +383,10 @@ class AgentStateCore:
         """
         start = torch.from_numpy(episode_start) if episode_start.any() else None
         if self.learning:
-            # TDPredictor.step returns predictions only. The fused kernel advances the carry
-            # (h, c) of the learner's fused_layout() in place; for the eager engine, h_t is
-            # the pure cell on the same (reset) carry, parameters and normalised input.
             if start is not None:
                 self.engine.reset_streams(start)
-            fused = self.engine.backend == "fused"
-            state = None if fused else self._forward(x)[1]
             predictions = self.engine.step(x, cumulant, discount=discount)
-            if state is None:
-                state = self.learner.fused_layout().carry[0]  # type: ignore[attr-defined]
+            state = self.engine.agent_state  # h_t the heads read (fused or eager)
         else:
             if start is not None:
                 self.learner.reset(start)
