@@ -288,7 +288,13 @@ def run_experiment(
     env = gym.make_vec(config.env_id, num_envs=config.streams, **env_kwargs)
     gamma = config.gamma if config.gamma is not None else float(getattr(env, "gamma", 0.99))
     observation, info = env.reset(seed=config.seed)
-    observation_size = int(np.prod(env.single_observation_space.shape))
+    shape = env.single_observation_space.shape
+    if shape is None:
+        raise ValueError(
+            f"{config.env_id}: its observation space {env.single_observation_space} has no "
+            "shape; wrap the env so that it observes a flat Box (gymnasium's FlattenObservation)"
+        )
+    observation_size = int(np.prod(shape))
 
     learner = make_learner(
         config.learner,

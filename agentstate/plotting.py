@@ -137,11 +137,11 @@ def plot_learning_curve(
         )
     for index, (name, reference) in enumerate(reference_arrays.items(), start=len(curve_arrays)):
         # Continue the colour cycle so a reference line never takes a curve's colour.
-        style = {"linestyle": "--", "color": f"C{index % 10}", "label": name}
+        color = f"C{index % 10}"
         if reference.ndim == 0:
-            axes.axhline(float(reference), **style)
+            axes.axhline(float(reference), linestyle="--", color=color, label=name)
         else:
-            axes.plot(step_array, reference, **style)
+            axes.plot(step_array, reference, linestyle="--", color=color, label=name)
 
     axes.xaxis.set_major_formatter(FuncFormatter(lambda tick, _: format_step_count(tick)))
     if logy:
