@@ -8,8 +8,8 @@ can be reloaded and evaluated on identical observations.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
+from agentstate.checkpoint import atomic_write_bytes
 from agentstate.wrappers import AgentStateWrapper
 from agentstate.wrappers.controls import AgentStateControls
 from agentstate.wrappers.core import NONFINITE_INFO_KEY, AgentStateCore, StepBatch
@@ -154,23 +155,9 @@ def save_agent_state(env: Any, path: str | os.PathLike[str]) -> Path:
     states = _get_states(env)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            torch.save({"format": SAVE_FORMAT, "states": states}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    buffer = io.BytesIO()
+    torch.save({"format": SAVE_FORMAT, "states": states}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
