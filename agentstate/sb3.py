@@ -69,16 +69,8 @@ class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
     def reset(self) -> VecEnvObs:
         """Reset every env and start a new episode on every stream."""
         observations = self.venv.reset()
-        streams = self.num_envs
         result = self.core.step(
-            StepBatch(
-                observations=observations,
-                rewards=np.zeros(streams),
-                terminated=np.zeros(streams, dtype=bool),
-                truncated=np.zeros(streams, dtype=bool),
-                episode_start=np.ones(streams, dtype=bool),
-                infos=self.venv.reset_infos,
-            )
+            StepBatch.reset(observations, self.num_envs, self.venv.reset_infos)
         )
         for stream, names in result.nonfinite.items():
             self.reset_infos[stream][NONFINITE_INFO_KEY] = names

@@ -137,16 +137,8 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset the env and start a new episode of the agent state."""
         observation, info = self.env.reset(seed=seed, options=options)
-        result = self.core.step(
-            StepBatch(
-                observations=self.core.observation_encoder.add_stream_axis(observation),
-                rewards=np.zeros(1),
-                terminated=np.zeros(1, dtype=bool),
-                truncated=np.zeros(1, dtype=bool),
-                episode_start=np.ones(1, dtype=bool),
-                infos=[info],
-            )
-        )
+        observations = self.core.observation_encoder.add_stream_axis(observation)
+        result = self.core.step(StepBatch.reset(observations, 1, [info]))
         return result.observations[0], _report(info, result)
 
     def step(self, action: Any) -> tuple[np.ndarray, Any, bool, bool, dict[str, Any]]:

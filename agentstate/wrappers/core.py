@@ -81,6 +81,20 @@ class StepBatch:
     final_observations: Mapping[int, Any] = field(default_factory=dict)
     final_infos: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
+    @classmethod
+    def reset(
+        cls, observations: Any, streams: int, infos: Sequence[Mapping[str, Any]] | None
+    ) -> StepBatch:
+        """The batch of a reset: every stream starts an episode, no reward, nothing ended."""
+        return cls(
+            observations=observations,
+            rewards=np.zeros(streams),
+            terminated=np.zeros(streams, dtype=bool),
+            truncated=np.zeros(streams, dtype=bool),
+            episode_start=np.ones(streams, dtype=bool),
+            infos=infos,
+        )
+
 
 @dataclass
 class StepResult:

@@ -65,17 +65,9 @@ class AgentStateVectorWrapper(AgentStateControls, gym.vector.VectorWrapper):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset every sub-env and start a new episode on every stream."""
         observations, infos = self.env.reset(seed=seed, options=options)
-        streams = self.num_envs
         self._ended[:] = False
         result = self.core.step(
-            StepBatch(
-                observations=observations,
-                rewards=np.zeros(streams),
-                terminated=np.zeros(streams, dtype=bool),
-                truncated=np.zeros(streams, dtype=bool),
-                episode_start=np.ones(streams, dtype=bool),
-                infos=self._stream_infos(infos),
-            )
+            StepBatch.reset(observations, self.num_envs, self._stream_infos(infos))
         )
         return result.observations, self._report(infos, result)
 
