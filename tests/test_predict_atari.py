@@ -2,12 +2,11 @@
 
 import csv
 import json
-import os
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from atari_data import expert_policies
 
 from agentstate.atari import (
     AtariRunConfig,
@@ -16,24 +15,6 @@ from agentstate.atari import (
     run_prediction_streams,
 )
 from agentstate.cli import main
-
-SHARED_POLICIES = (
-    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "atari-prediction-benchmark"
-) / "policies"
-POLICIES_ENV_VAR = "AGENTSTATE_ATARI_POLICIES"
-
-
-def expert_policies() -> Path:
-    """The benchmark's action files: $AGENTSTATE_ATARI_POLICIES, else ../shared beside the repo."""
-    pytest.importorskip("ale_py")
-    pytest.importorskip("cv2")
-    folder = Path(os.environ.get(POLICIES_ENV_VAR, SHARED_POLICIES))
-    if not (folder / "PongNoFrameskip-v4.txt").is_file():
-        pytest.skip(
-            f"expert action files not found in {folder}: set {POLICIES_ENV_VAR} or put "
-            "shared/data/atari-prediction-benchmark/policies beside the repository"
-        )
-    return folder
 
 
 def read_rows(path):

@@ -1,6 +1,5 @@
 """agentstate/AtariPrediction-v0: replay fidelity, observation layout, episodes, live policies."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +12,18 @@ from gymnasium.utils.env_checker import check_env
 ale_py = pytest.importorskip("ale_py")
 pytest.importorskip("cv2")
 
+from atari_data import POLICIES_ENV_VAR as TESTS_POLICIES_ENV_VAR  # noqa: E402
+from atari_data import expert_policies  # noqa: E402
+
 from agentstate.envs.atari_prediction import AtariPrediction, read_action_file  # noqa: E402
 from agentstate.envs.atari_preprocessing import POLICIES_ENV_VAR  # noqa: E402
 
-SHARED_POLICIES = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "atari-prediction-benchmark"
-) / "policies"
 PONG_RIGHT = b"c"  # index 2 of Pong's minimal action set: ale_py.Action.RIGHT
 ONE_HOT = slice(256, 274)
 
 
-def expert_policies() -> Path:
-    """The benchmark's action files: $AGENTSTATE_ATARI_POLICIES, else ../shared beside the repo."""
-    folder = Path(os.environ.get(POLICIES_ENV_VAR, SHARED_POLICIES))
-    if not (folder / "PongNoFrameskip-v4.txt").is_file():
-        pytest.skip(
-            f"expert action files not found in {folder}: set {POLICIES_ENV_VAR} or put "
-            "shared/data/atari-prediction-benchmark/policies beside the repository"
-        )
-    return folder
+def test_the_tests_and_the_env_read_the_same_variable():
+    assert TESTS_POLICIES_ENV_VAR == POLICIES_ENV_VAR
 
 
 def action_file(tmp_path, content: bytes, game: str = "Pong") -> Path:
