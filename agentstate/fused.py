@@ -795,18 +795,16 @@ class FusedTDStep:
         if isinstance(layout, ColumnStages):
             self._learner_args, self._stage_arrays = _column_args(layout)
             name = "td_columns"
-        elif isinstance(layout, DenseWindow):
-            self._learner_args = _window_args(layout)
-            name = "td_window"
         elif isinstance(layout, ElementwiseCells):
             self._learner_args, self._stage_arrays = self._elementwise_args(layout)
             name = "td_elstm"
-        elif isinstance(layout, DenseTangent):
-            self._learner_args = _tangent_args(layout)
-            name = "td_uoro"
         else:
-            self._learner_args = _snap_args(layout)
-            name = "td_snap1"
+            args_type, name = {
+                DenseWindow: (WindowArgs, "td_window"),
+                DenseTangent: (TangentArgs, "td_uoro"),
+                OwnUnitSensitivities: (SnapArgs, "td_snap1"),
+            }[type(layout)]
+            self._learner_args = _named_args(args_type, layout)
         self._entry = getattr(self._library, f"{name}_{self._dtype_name}")
         self._arguments = (ctypes.byref(td), ctypes.byref(self._learner_args))
 
@@ -874,37 +872,16 @@ def _column_args(layout: ColumnStages) -> tuple[ColumnArgs, list[Any]]:
     return args, arrays
 
 
-def _window_args(layout: DenseWindow) -> WindowArgs:
-    args = WindowArgs()
-    args.truncation = layout.truncation
-    args.weight = _pointer(layout.weight)
-    args.h, args.c = map(_pointer, layout.carry)
-    for name in (
-        "window_cell_input",
-        "window_dc_dpreactivation",
-        "window_dh_dpreactivation",
-        "window_dc_dc_prev",
-        "window_dh_dc",
-        "steps_in_window",
-    ):
-        setattr(args, name, _pointer(getattr(layout, name)))
-    return args
+def _named_args(
+    args_type: type[ctypes.Structure], layout: DenseWindow | DenseTangent | OwnUnitSensitivities
+) -> ctypes.Structure:
+    """``args_type`` filled from the layout field of each name (``h, c`` from its carry).
 
-
-def _tangent_args(layout: DenseTangent) -> TangentArgs:
-    args = TangentArgs()
-    args.epsilon = layout.epsilon
-    args.weight = _pointer(layout.weight)
-    args.h, args.c = map(_pointer, layout.carry)
-    for name in ("state_tangent_h", "state_tangent_c", "parameter_tangent", "sign_bits"):
-        setattr(args, name, _pointer(getattr(layout, name)))
-    return args
-
-
-def _snap_args(layout: OwnUnitSensitivities) -> SnapArgs:
-    args = SnapArgs()
-    args.weight = _pointer(layout.weight)
-    args.h, args.c = map(_pointer, layout.carry)
-    for name in ("sensitivity_h", "sensitivity_c", "weight_mask"):
-        setattr(args, name, _pointer(getattr(layout, name)))
+    Pointer fields get the tensor's address, the others the value itself.
+    """
+    args = args_type()
+    carry = dict(zip(("h", "c"), layout.carry, strict=True))
+    for name, field_type, *_ in args_type._fields_:
+        value = carry[name] if name in carry else getattr(layout, name)
+        setattr(args, name, _pointer(value) if field_type is ctypes.c_void_p else value)
     return args
