@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,24 +95,6 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             td_options: further ``agentstate.td.TDConfig`` fields (``optimizer``, ...).
             **learner_kwargs: the learner's config fields (``n_features``, ...).
         """
-        gym.utils.RecordConstructorArgs.__init__(
-            self,
-            learner=learner,
-            cumulants=cumulants,
-            include_observation=include_observation,
-            include_prev_action=include_prev_action,
-            include_prev_reward=include_prev_reward,
-            gamma=gamma,
-            lambda_=lambda_,
-            step_size=step_size,
-            learn=learn,
-            seed=seed,
-            nonfinite=nonfinite,
-            encoder=encoder,
-            td_options=td_options,
-            **learner_kwargs,
-        )
-        gym.Wrapper.__init__(self, env)
         settings = AgentStateSettings(
             learner=learner,
             cumulants=cumulants,
@@ -128,6 +111,15 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             td_options=dict(td_options or {}),
             learner_kwargs=learner_kwargs,
         )
+        recorded = {
+            field.name: getattr(settings, field.name)
+            for field in dataclasses.fields(settings)
+            if field.name not in ("td_options", "learner_kwargs")
+        }  # gymnasium's record of the call, as the caller wrote it
+        gym.utils.RecordConstructorArgs.__init__(
+            self, **recorded, td_options=td_options, **learner_kwargs
+        )
+        gym.Wrapper.__init__(self, env)
         self.core = AgentStateCore(env.observation_space, env.action_space, 1, settings)
         self.observation_space = self.core.observation_space
 
