@@ -601,37 +601,123 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
 }
 
 // ------------------------------------------------------------------ dense LSTM, T-BPTT
-// e = decay e + sum_age scale_age z_age for one weight row, the sum over ages (newest first)
-// held in registers: `AGES` is a compile-time count so the loop over the row vectorises.
-constexpr index MAX_UNROLLED_AGES = 8;
+// One LSTM unit's step from its pre-activations and previous cell: the new cell and output,
+// and the derivatives T-BPTT keeps for the backward pass.
+template <typename T>
+struct LstmGates {
+  T kappa_i, kappa_f, kappa_g;  // dc/da for the input, forget and candidate gates
+  T mu;                         // dh/dc = o (1 - tanh(c)^2)
+  T dh_do;                      // dh/da_o = tanh(c) o (1 - o)
+  T forget, c, h;
+};
 
+template <typename T>
+inline LstmGates<T> lstm_gates(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+  const T i_gate = sigmoid(a_i), f_gate = sigmoid(a_f);
+  const T candidate = vector_tanh(a_g), o_gate = sigmoid(a_o);
+  const T c_new = f_gate * c_prev + i_gate * candidate;
+  const T tanh_c = vector_tanh(c_new);
+  LstmGates<T> gates;
+  gates.kappa_i = candidate * i_gate * (T(1) - i_gate);
+  gates.kappa_f = c_prev * f_gate * (T(1) - f_gate);
+  gates.kappa_g = i_gate * (T(1) - candidate * candidate);
+  gates.mu = o_gate * (T(1) - tanh_c * tanh_c);
+  gates.dh_do = tanh_c * o_gate * (T(1) - o_gate);
+  gates.forget = f_gate;
+  gates.c = c_new;
+  gates.h = o_gate * tanh_c;
+  return gates;
+}
+
+// Gates computed across streams go in blocks of this many (whole vectors, see td_window).
+constexpr index GATE_LANES = 8;
+
+// One stream's trace e [rows, m] += its window's gradient, row by row:
+// e[r] = decay e[r] + sum_age adjoint(age, r) z_age, with adjoint(age, r) = adjoints[age *
+// stride + r * lane] and the sum over ages (newest first) held in registers: `AGES` is a
+// compile-time count so the loop along the row vectorises.
 template <index AGES, typename T>
-inline void add_window_gradient_unrolled(T* __restrict e, T decay, const T* scale, index stride,
-                                         const T* const* inputs, index m) {
-  T s[AGES];
-  for (index age = 0; age < AGES; ++age) s[age] = scale[age * stride];
+void add_window_gradient_unrolled(T* __restrict e, T decay, const T* adjoints, index stride,
+                                  index lane, const T* const* inputs, index rows, index m) {
+  for (index r = 0; r < rows; ++r) {
+    T s[AGES];
+    for (index age = 0; age < AGES; ++age) s[age] = adjoints[age * stride + r * lane];
+    T* __restrict e_row = e + r * m;
 #pragma omp simd
-  for (index i = 0; i < m; ++i) {
-    T gradient = s[0] * inputs[0][i];
-    for (index age = 1; age < AGES; ++age) gradient += s[age] * inputs[age][i];
-    e[i] = e[i] * decay + gradient;
+    for (index i = 0; i < m; ++i) {
+      T gradient = s[0] * inputs[0][i];
+      for (index age = 1; age < AGES; ++age) gradient += s[age] * inputs[age][i];
+      e_row[i] = e_row[i] * decay + gradient;
+    }
   }
+}
+
+// The same for any number of ages (`gradient`: scratch of m entries, for more than 8).
+template <typename T>
+void add_window_gradient(T* __restrict e, T decay, const T* adjoints, index stride, index lane,
+                         const T* const* inputs, index ages, index rows, index m,
+                         T* __restrict gradient) {
+  switch (ages) {
+#define AGENTSTATE_AGES(N)                                                              \
+  case N:                                                                               \
+    return add_window_gradient_unrolled<N>(e, decay, adjoints, stride, lane, inputs, rows, m);
+    AGENTSTATE_AGES(1)
+    AGENTSTATE_AGES(2)
+    AGENTSTATE_AGES(3)
+    AGENTSTATE_AGES(4)
+    AGENTSTATE_AGES(5)
+    AGENTSTATE_AGES(6)
+    AGENTSTATE_AGES(7)
+    AGENTSTATE_AGES(8)
+#undef AGENTSTATE_AGES
+    default:
+      break;
+  }
+  for (index r = 0; r < rows; ++r) {
+    T* __restrict e_row = e + r * m;
+    const T* scale = adjoints + r * lane;
+    for (index i = 0; i < m; ++i) gradient[i] = scale[0] * inputs[0][i];
+    for (index age = 1; age < ages; ++age) {
+      const T s = scale[age * stride];
+      const T* __restrict z = inputs[age];
+      for (index i = 0; i < m; ++i) gradient[i] += s * z[i];
+    }
+    for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + gradient[i];
+  }
+}
+
+// out[s] = sum_r coefficient[r * step] * columns[r * w + s] for s < w, summed over r in order
+// (the same order, so the same bits, for every s and every w). Blocks of LANES outputs are
+// summed in registers: LANES / vector-width independent chains hide the adds' latency.
+template <index LANES, typename T>
+inline index combine_block(T* __restrict out, const T* __restrict coefficient, index step,
+                           const T* __restrict columns, index count, index w, index s) {
+  for (; s + LANES <= w; s += LANES) {
+    T sum[LANES];
+    const T first = coefficient[0];
+    for (index l = 0; l < LANES; ++l) sum[l] = first * columns[s + l];
+    for (index r = 1; r < count; ++r) {
+      const T c = coefficient[r * step];
+      const T* __restrict column = columns + r * w + s;
+      for (index l = 0; l < LANES; ++l) sum[l] += c * column[l];
+    }
+    for (index l = 0; l < LANES; ++l) out[s + l] = sum[l];
+  }
+  return s;
 }
 
 template <typename T>
-inline void add_window_gradient(T* e, T decay, const T* scale, index stride,
-                                const T* const* inputs, index ages, index m) {
-  switch (ages) {
-    case 1: return add_window_gradient_unrolled<1>(e, decay, scale, stride, inputs, m);
-    case 2: return add_window_gradient_unrolled<2>(e, decay, scale, stride, inputs, m);
-    case 3: return add_window_gradient_unrolled<3>(e, decay, scale, stride, inputs, m);
-    case 4: return add_window_gradient_unrolled<4>(e, decay, scale, stride, inputs, m);
-    case 5: return add_window_gradient_unrolled<5>(e, decay, scale, stride, inputs, m);
-    case 6: return add_window_gradient_unrolled<6>(e, decay, scale, stride, inputs, m);
-    case 7: return add_window_gradient_unrolled<7>(e, decay, scale, stride, inputs, m);
-    default: return add_window_gradient_unrolled<8>(e, decay, scale, stride, inputs, m);
-  }
+inline void combine_columns(T* __restrict out, const T* __restrict coefficient, index step,
+                            const T* __restrict columns, index count, index w) {
+  index s = combine_block<32>(out, coefficient, step, columns, count, w, 0);
+  s = combine_block<8>(out, coefficient, step, columns, count, w, s);
+  combine_block<1>(out, coefficient, step, columns, count, w, s);
 }
+
+// Shared weights and at most this many units: T-BPTT's forward pass and its adjoints run
+// across the streams (the inner loop walks the streams), not along rows of n or d + n + 1
+// entries, which are too short to vectorise well.
+constexpr index WINDOW_ACROSS_STREAMS_MAX_UNITS = 64;
 
 // plugins/tbptt.py: a window of the last k steps, newest in slot 0; grad(v) back-propagates
 // v through it with the current (updated) recurrent weights U = W[:, :, :, d : d + n].
@@ -659,53 +745,89 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
   for (int s = 0; s < 5; ++s) {
     std::memmove(slots[s] + slot_sizes[s], slots[s], sizeof(T) * slot_sizes[s] * (window - 1));
   }
+  const bool across_streams = P == 1 && n <= WINDOW_ACROSS_STREAMS_MAX_UNITS;
+  // This step's cell input z = [x^, h_prev, 1] goes to window slot 0, read in full before h
+  // moves; the gates' derivatives go to the other slots.
+  auto cell_input_of = [&](index b) {
+    T* z = cell_input + b * m;
+    std::copy_n(engine.observation.data() + b * d, d, z);
+    std::copy_n(h_carry + b * n, n, z + d);
+    z[d + n] = T(1);
+    return z;
+  };
+  // Unit i of stream b: its gates' outputs and derivatives stored in place.
+  auto store_gates = [&](index b, index i, const LstmGates<T>& gates) {
+    T* __restrict dc_da_b = dc_da + b * rows;
+    T* __restrict dh_da_b = dh_da + b * rows;
+    dc_da_b[GATE_I * n + i] = gates.kappa_i;
+    dc_da_b[GATE_F * n + i] = gates.kappa_f;
+    dc_da_b[GATE_G * n + i] = gates.kappa_g;
+    dc_da_b[GATE_O * n + i] = T(0);
+    dh_da_b[GATE_I * n + i] = gates.mu * gates.kappa_i;
+    dh_da_b[GATE_F * n + i] = gates.mu * gates.kappa_f;
+    dh_da_b[GATE_G * n + i] = gates.mu * gates.kappa_g;
+    dh_da_b[GATE_O * n + i] = gates.dh_do;
+    forget[b * n + i] = gates.forget;
+    dh_dc[b * n + i] = gates.mu;
+    c_carry[b * n + i] = gates.c;
+    h_carry[b * n + i] = gates.h;
+  };
   auto forward_streams = [&](index first_stream, index last_stream) {
     std::vector<T> a(rows);
     for (index b = first_stream; b < last_stream; ++b) {
-      const index p = P == 1 ? 0 : b;
-      T* z = cell_input + b * m;  // z = [x^, h_prev, 1], read in full before h moves
-      std::copy_n(engine.observation.data() + b * d, d, z);
-      std::copy_n(h_carry + b * n, n, z + d);
-      z[d + n] = T(1);
-      for (index r = 0; r < rows; ++r) a[r] = dot(weight + (p * rows + r) * m, z, m);
-      const T* __restrict a_i = a.data() + GATE_I * n;
-      const T* __restrict a_f = a.data() + GATE_F * n;
-      const T* __restrict a_g = a.data() + GATE_G * n;
-      const T* __restrict a_o = a.data() + GATE_O * n;
-      T* __restrict dc_da_b = dc_da + b * rows;
-      T* __restrict dh_da_b = dh_da + b * rows;
-      T* __restrict forget_b = forget + b * n;
-      T* __restrict dh_dc_b = dh_dc + b * n;
-      T* __restrict c_b = c_carry + b * n;
-      T* __restrict h_b = h_carry + b * n;
+      const T* z = cell_input_of(b);
+      const T* w = weight + (P == 1 ? 0 : b) * block;
+      for (index r = 0; r < rows; ++r) a[r] = dot(w + r * m, z, m);
+      const T* __restrict a_b = a.data();
 #pragma omp simd
       for (index i = 0; i < n; ++i) {
-        T i_gate = sigmoid(a_i[i]), f_gate = sigmoid(a_f[i]);
-        T candidate = vector_tanh(a_g[i]), o_gate = sigmoid(a_o[i]);
-        T c_prev = c_b[i];
-        T c_new = f_gate * c_prev + i_gate * candidate;
-        T tanh_c = vector_tanh(c_new);
-        T mu = o_gate * (T(1) - tanh_c * tanh_c);
-        T kappa_i = candidate * i_gate * (T(1) - i_gate);
-        T kappa_f = c_prev * f_gate * (T(1) - f_gate);
-        T kappa_g = i_gate * (T(1) - candidate * candidate);
-        dc_da_b[GATE_I * n + i] = kappa_i;
-        dc_da_b[GATE_F * n + i] = kappa_f;
-        dc_da_b[GATE_G * n + i] = kappa_g;
-        dc_da_b[GATE_O * n + i] = T(0);
-        dh_da_b[GATE_I * n + i] = mu * kappa_i;
-        dh_da_b[GATE_F * n + i] = mu * kappa_f;
-        dh_da_b[GATE_G * n + i] = mu * kappa_g;
-        dh_da_b[GATE_O * n + i] = tanh_c * o_gate * (T(1) - o_gate);
-        forget_b[i] = f_gate;
-        dh_dc_b[i] = mu;
-        c_b[i] = c_new;
-        h_b[i] = o_gate * tanh_c;
+        store_gates(b, i, lstm_gates(a_b[GATE_I * n + i], a_b[GATE_F * n + i],
+                                     a_b[GATE_G * n + i], a_b[GATE_O * n + i], c_carry[b * n + i]));
       }
       steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
     }
   };
-  parallel_for(B, threads_for(td, B * block, B), forward_streams);
+  // The same with the streams innermost: a [d + n + 1, w] copy of the cell inputs, each
+  // weight multiplied into all w streams' pre-activations, the gates vectorised over streams
+  // in whole blocks of GATE_LANES (a stream's exp and tanh must not depend on whether it
+  // fell in a vector or in a scalar remainder: vector and scalar libm differ in the last bits).
+  auto forward_across = [&](index first_stream, index last_stream) {
+    const index w = last_stream - first_stream;
+    const index padded = (w + GATE_LANES - 1) / GATE_LANES * GATE_LANES;
+    std::vector<T> z_by_entry(m * padded, T(0)), a(rows * padded), c_prev(n * padded, T(0));
+    for (index b = first_stream; b < last_stream; ++b) {
+      const T* z = cell_input_of(b);
+      for (index i = 0; i < m; ++i) z_by_entry[i * padded + b - first_stream] = z[i];
+      for (index i = 0; i < n; ++i) c_prev[i * padded + b - first_stream] = c_carry[b * n + i];
+    }
+    for (index r = 0; r < rows; ++r) {
+      combine_columns(a.data() + r * padded, weight + r * m, index(1), z_by_entry.data(), m, padded);
+    }
+    LstmGates<T> gates[GATE_LANES];
+    for (index i = 0; i < n; ++i) {
+      for (index block_start = 0; block_start < w; block_start += GATE_LANES) {
+        const index offset = block_start;
+        const T* __restrict a_i = a.data() + (GATE_I * n + i) * padded + offset;
+        const T* __restrict a_f = a.data() + (GATE_F * n + i) * padded + offset;
+        const T* __restrict a_g = a.data() + (GATE_G * n + i) * padded + offset;
+        const T* __restrict a_o = a.data() + (GATE_O * n + i) * padded + offset;
+        const T* __restrict c_i = c_prev.data() + i * padded + offset;
+#pragma omp simd
+        for (index l = 0; l < GATE_LANES; ++l) gates[l] = lstm_gates(a_i[l], a_f[l], a_g[l], a_o[l], c_i[l]);
+        for (index l = 0; l < std::min(GATE_LANES, w - block_start); ++l) {
+          store_gates(first_stream + block_start + l, i, gates[l]);
+        }
+      }
+    }
+    for (index b = first_stream; b < last_stream; ++b) {
+      steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
+    }
+  };
+  if (across_streams) {
+    parallel_for(B, threads_for(td, B * block, B), forward_across);
+  } else {
+    parallel_for(B, threads_for(td, B * block, B), forward_streams);
+  }
 
   engine.predict(h_carry);
   engine.update_heads();
@@ -751,12 +873,22 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
 
   // Pass 2: adjoints of the pre-activations at every age of the window, newest first,
   // then trace = gamma lambda trace + sum_age adjoint_age (x) z_age.
+  // The trace of stream b from its adjoints: adjoint(age, r) = adjoints[age * stride + r * lane].
+  auto add_gradient = [&](index b, index q, const T* adjoints, index stride, index lane,
+                          std::vector<const T*>& inputs, std::vector<T>& gradient) {
+    const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
+    for (index age = 0; age < ages; ++age) inputs[age] = cell_input + (age * B + b) * m;
+    const T decay = engine.trace_decay[b];
+    add_window_gradient(trace + (q * B + b) * block, decay, adjoints, stride, lane, inputs.data(),
+                        ages, rows, m, gradient.data());
+  };
   auto backward_streams = [&](index first_stream, index last_stream) {
     std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
     std::vector<T> gradient(m);
+    std::vector<const T*> inputs(window);
     for (index b = first_stream; b < last_stream; ++b) {
       const index p = P == 1 ? 0 : b;
-      const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
+      const index ages = steps_in_window[b];
       for (index q = 0; q < K; ++q) {
         for (index i = 0; i < n; ++i) {
           adjoint_h[i] = engine.v(b, q, i);
@@ -771,6 +903,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
             T* __restrict adjoint_k = adjoint_a + k * n;
             for (index i = 0; i < n; ++i) adjoint_k[i] = adjoint_h[i] * dh[i] + adjoint_c[i] * dc[i];
           }
+          if (age + 1 == ages) break;  // the oldest age's adjoints feed nothing further back
           // next_h = U^T adjoint_a, summed over rows in order. The first row initialises the
           // sum (no separate zero fill: a narrow store followed by a wide load of the same
           // bytes stalls the pipeline, which dominated small networks).
@@ -789,33 +922,69 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
           std::swap(adjoint_h, next_h);
           std::swap(adjoint_c, next_c);
         }
-        const T decay = engine.trace_decay[b];
-        T* e = trace + (q * B + b) * block;
-        const T* inputs[MAX_UNROLLED_AGES];
-        for (index age = 0; age < std::min(ages, MAX_UNROLLED_AGES); ++age) {
-          inputs[age] = cell_input + (age * B + b) * m;
-        }
-        for (index r = 0; r < rows; ++r) {
-          T* __restrict e_row = e + r * m;
-          if (ages <= MAX_UNROLLED_AGES) {
-            add_window_gradient(e_row, decay, adjoint.data() + r, rows, inputs, ages, m);
-            continue;
-          }
-          T* __restrict g = gradient.data();  // ages >= 1: this step is always in the window
-          const T* __restrict z_newest = cell_input + b * m;
-          const T scale_newest = adjoint[r];
-          for (index i = 0; i < m; ++i) g[i] = scale_newest * z_newest[i];
-          for (index age = 1; age < ages; ++age) {
-            const T scale = adjoint[age * rows + r];
-            const T* __restrict z = cell_input + (age * B + b) * m;
-            for (index i = 0; i < m; ++i) g[i] += scale * z[i];
-          }
-          for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + g[i];
-        }
+        add_gradient(b, q, adjoint.data(), rows, 1, inputs, gradient);
       }
     }
   };
-  parallel_for(B, threads_for(td, window_work, B), backward_streams);
+  // The same with the streams innermost (shared weights): adjoints are [age, 4n, w] and
+  // U^T adjoint is one multiply-add per recurrent weight across all w streams. Streams whose
+  // window is shorter than the longest carry zero adjoints at the ages they lack.
+  auto backward_across = [&](index first_stream, index last_stream) {
+    const index w = last_stream - first_stream;
+    std::vector<T> adjoint(window * rows * w), adjoint_h(n * w), adjoint_c(n * w);
+    std::vector<T> next_h(n * w), next_c(n * w), gradient(m);
+    std::vector<const T*> inputs(window);
+    const int64_t* ages = steps_in_window + first_stream;
+    const index oldest = *std::max_element(ages, ages + w);
+    const T* __restrict recurrent = weight + d;  // U[r, j] = recurrent[r * m + j]
+    for (index q = 0; q < K; ++q) {
+      for (index i = 0; i < n; ++i) {
+        std::fill_n(adjoint_h.data() + i * w, w, engine.v(0, q, i));
+        std::fill_n(adjoint_c.data() + i * w, w, T(0));
+      }
+      for (index age = 0; age < oldest; ++age) {
+        const T* __restrict dh = dh_da + (age * B + first_stream) * rows;
+        const T* __restrict dc = dc_da + (age * B + first_stream) * rows;
+        T* __restrict adjoint_a = adjoint.data() + age * rows * w;
+        for (index r = 0; r < rows; ++r) {
+          const T* __restrict a_h = adjoint_h.data() + (r % n) * w;
+          const T* __restrict a_c = adjoint_c.data() + (r % n) * w;
+          T* __restrict adjoint_r = adjoint_a + r * w;
+#pragma omp simd
+          for (index s = 0; s < w; ++s) {
+            const T value = a_h[s] * dh[s * rows + r] + a_c[s] * dc[s * rows + r];
+            adjoint_r[s] = age < ages[s] ? value : T(0);
+          }
+        }
+        if (age + 1 == oldest) break;
+        for (index j = 0; j < n; ++j) {  // next_h = U^T adjoint_a
+          combine_columns(next_h.data() + j * w, recurrent + j, m, adjoint_a, rows, w);
+        }
+        const T* __restrict f = forget + (age * B + first_stream) * n;
+        const T* __restrict mu = dh_dc + (age * B + first_stream) * n;
+        for (index i = 0; i < n; ++i) {
+          const T* __restrict a_h = adjoint_h.data() + i * w;
+          const T* __restrict a_c = adjoint_c.data() + i * w;
+          T* __restrict c_sum = next_c.data() + i * w;
+#pragma omp simd
+          for (index s = 0; s < w; ++s) {
+            const T f_i = f[s * n + i];
+            c_sum[s] = mu[s * n + i] * f_i * a_h[s] + f_i * a_c[s];
+          }
+        }
+        std::swap(adjoint_h, next_h);
+        std::swap(adjoint_c, next_c);
+      }
+      for (index s = 0; s < w; ++s) {
+        add_gradient(first_stream + s, q, adjoint.data() + s, rows * w, w, inputs, gradient);
+      }
+    }
+  };
+  if (across_streams) {
+    parallel_for(B, threads_for(td, window_work, B), backward_across);
+  } else {
+    parallel_for(B, threads_for(td, window_work, B), backward_streams);
+  }
   engine.finish();
   return 0;
 }

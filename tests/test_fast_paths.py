@@ -384,6 +384,7 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
     [
         ("elstm", {"n_features": 60}),  # input + cells >= 64: the row-by-row output sweep
         ("tbptt", {"n_features": 4, "truncation": 11}),  # more ages than the unrolled sums
+        ("tbptt", {"n_features": 70, "truncation": 3}),  # > 64 units: one stream at a time
         ("columnar", {"n_features": 700}),  # several chunks of columns per sweep
     ],
 )
@@ -410,3 +411,34 @@ def test_long_input_rows_match_eager(independent):
         eager, fast = (predictors[b].step(x, c) for b in ("eager", "fused"))
         assert_relatively_close(fast, eager, 1e-12, f"prediction at step {t}")
     assert_same_state(predictors["fused"].state_dict(), predictors["eager"].state_dict(), 1e-12)
+
+
+@needs_kernel
+def test_window_streams_in_blocks_of_any_width_give_bitwise_the_same_steps(monkeypatch):
+    """T-BPTT with shared weights runs its streams in register blocks of 32, 8 and 1: a
+    stream's numbers must not depend on which block it lands in (40 streams split over 1, 2
+    and 3 threads put them in every kind), nor on the window lengths of its neighbours."""
+    monkeypatch.setattr(fused, "PARALLEL_GRAIN", 1)
+    streams, threads = 40, torch.get_num_threads()
+    runs = {}
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            learner = agentstate.make_learner(
+                "tbptt", INPUTS, streams=streams, n_features=5, truncation=4, seed=1
+            )
+            predictor = TDPredictor(learner, 1, TDConfig(backend="fused", step_size=0.01))
+            generator = torch.Generator().manual_seed(0)
+            predictions = []
+            for t in range(50):
+                x = (torch.rand(streams, INPUTS, generator=generator) < 0.3).float()
+                c = torch.rand(streams, 1, generator=generator)
+                start = torch.arange(streams) % 7 == t % 7 if t % 5 == 4 else None
+                predictions.append(predictor.step(x, c, episode_start=start))
+            runs[count] = (torch.stack(predictions), float_tensors(predictor.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    for count in (2, 3):
+        assert torch.equal(runs[count][0], runs[1][0]), f"predictions with {count} threads"
+        for label, tensor in runs[1][1].items():
+            assert torch.equal(runs[count][1][label], tensor), f"{label} with {count} threads"
