@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import operator
 import os
 import platform
@@ -636,12 +637,28 @@ def _optimizer_settings(name: str, group: dict[str, Any]) -> tuple[float, ...] |
 
 
 # ---------------------------------------------------------------------- the fused step
+# The predictor's tensors the kernel binds (and the optimiser, whose state it binds).
+_PREDICTOR_TENSORS = operator.attrgetter(
+    "optimizer",
+    "optimizer.state",
+    "previous_prediction",
+    "has_previous",
+    "input_normalizer.mean",
+    "input_normalizer.variance",
+    "feature_normalizer.mean",
+    "feature_normalizer.variance",
+    "head_weight",
+    "head_trace",
+)
+
+
 class FusedTDStep:
     """Runs ``TDPredictor.step``'s work for one predictor through the compiled kernel.
 
     The kernel's view of the tensors (their addresses) is rebuilt whenever any of them is
     replaced: by ``learner.reset`` (a new carry), a CCN stage change (new parameters, traces
     and optimiser), ``load_state_dict`` (new optimiser state), or any code that assigns one.
+    Checking that costs ~1-2 µs a step, so it reads every object through C-level getters.
     """
 
     def __init__(self, predictor: TDPredictor, library: ctypes.CDLL) -> None:
@@ -653,7 +670,6 @@ class FusedTDStep:
         self._entry: Any = None
         self._bound: tuple[Any, ...] = ()
         self._stage_arrays: list[Any] = []  # pointer arrays the kernel reads (keep alive)
-        self._optimized: list[Tensor] = []  # the parameters whose optimiser state is bound
         self._arguments: tuple[Any, ...] = ()  # (byref(td), byref(learner args))
 
     def step(
@@ -679,6 +695,7 @@ class FusedTDStep:
         predictor = self.predictor
         tensors = self._tensors(layout)
         if len(tensors) != len(self._bound) or not all(map(operator.is_, tensors, self._bound)):
+            predictor.follow_learner_parameters()  # a new stage's parameters: new optimiser
             self._bind(layout)
             self._bound = self._tensors(layout)  # binding may have created optimiser state
         td = self._td
@@ -696,8 +713,7 @@ class FusedTDStep:
         else:
             td.discount = None
             td.gamma = gamma
-        streams, dtype = observation.shape[0], observation.dtype
-        prediction = torch.empty(streams, predictor.n_cumulants, dtype=dtype)
+        prediction = torch.empty_like(predictor.previous_prediction)  # [B, K], contiguous
         td.prediction = prediction.data_ptr()
         if isinstance(layout, DenseTangent) and layout.draw_signs is not None:
             layout.draw_signs()
@@ -724,24 +740,14 @@ class FusedTDStep:
     def _tensors(self, layout: Layout) -> tuple[Any, ...]:
         """Every object whose replacement calls for a new binding."""
         predictor = self.predictor
+        # The optimiser's state: each parameter's state dict and the tensors in it (read
+        # through the mapping's values: hashing a tensor key costs a Python call).
+        states = predictor.optimizer.state.values()
         return (
-            predictor.optimizer,
-            predictor.previous_prediction,
-            predictor.has_previous,
-            predictor.input_normalizer.mean,
-            predictor.input_normalizer.variance,
-            predictor.feature_normalizer.mean,
-            predictor.feature_normalizer.variance,
-            predictor.head_weight,
-            predictor.head_trace,
+            *_PREDICTOR_TENSORS(predictor),
             *predictor.learner_traces.values(),
-            # The optimiser's state tensors of the parameters bound last time (a parameter
-            # replaced or a state not yet created changes this tuple as well).
-            *(
-                tensor
-                for param in self._optimized
-                for tensor in predictor.optimizer.state.get(param, {}).values()
-            ),
+            *states,
+            *itertools.chain.from_iterable(map(dict.values, states)),
             *layout.tensors(),
         )
 
@@ -780,9 +786,6 @@ class FusedTDStep:
             arguments.beta1, arguments.beta2 = (float(beta) for beta in group["betas"])
             arguments.eps = group["eps"]
         states = self._optimizer_states()
-        self._optimized = [predictor.head_weight]
-        if self._trains_learner():
-            self._optimized += list(learner.params.values())
         td.head_state_a, td.head_state_b, td.head_step = map(_pointer, states[0])
         if td.train_learner and len(predictor.learner_traces) == 1:
             (trace,) = predictor.learner_traces.values()
@@ -805,7 +808,10 @@ class FusedTDStep:
                 OwnUnitSensitivities: (SnapArgs, "td_snap1"),
             }[type(layout)]
             self._learner_args = _named_args(args_type, layout)
-        self._entry = getattr(self._library, f"{name}_{self._dtype_name}")
+        # A fresh function object without ``argtypes`` (``load_library`` declares them on the
+        # library's own): the arguments are the two structs bound here, passed by reference,
+        # and ctypes' per-call conversion would cost ~0.4 µs a step.
+        self._entry = self._library[f"{name}_{self._dtype_name}"]
         self._arguments = (ctypes.byref(td), ctypes.byref(self._learner_args))
 
     def _elementwise_args(self, layout: ElementwiseCells) -> tuple[ElementwiseArgs, list[Any]]:

@@ -212,11 +212,16 @@ class TDPredictor:
             optimizer.state[self.head_weight] = previous.state[self.head_weight]
         return optimizer
 
-    def _learner_params_changed(self) -> bool:
+    def follow_learner_parameters(self) -> None:
+        """Rebind traces and optimiser to the learner's parameters if it has replaced them.
+
+        A constructive learner does at its next stage; otherwise this does nothing.
+        """
         current = self.learner.params
-        return current.keys() != self._learner_params.keys() or any(
+        if current.keys() != self._learner_params.keys() or any(
             current[key] is not self._learner_params[key] for key in current
-        )
+        ):
+            self.optimizer = self._build_optimizer()
 
     # ---------------------------------------------------------------- the step
     def step(
@@ -250,9 +255,8 @@ class TDPredictor:
         if episode_start is not None:
             self.reset_streams(episode_start)
         if self._fused is not None:
+            # The kernel calls follow_learner_parameters when the layout's tensors change.
             layout = learner.fused_layout()  # type: ignore[attr-defined]
-            if self._learner_params_changed():  # a constructive learner's next stage
-                self.optimizer = self._build_optimizer()
             prediction = self._fused.step(layout, observation, cumulant, gamma)
             if prediction is not None:
                 return prediction
@@ -274,8 +278,7 @@ class TDPredictor:
         self.input_normalizer.update(observation)
         state = learner.step(normalized_observation)
         self._eager_state = state
-        if self._learner_params_changed():  # e.g. a constructive learner's next stage
-            self.optimizer = self._build_optimizer()
+        self.follow_learner_parameters()  # e.g. a constructive learner's next stage
         feature_std = self.feature_normalizer.std
         normalized_state = self.feature_normalizer.normalize(state)
         self.feature_normalizer.update(state)

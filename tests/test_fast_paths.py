@@ -205,16 +205,37 @@ def test_state_dicts_move_between_backends(load_into):
         assert_relatively_close(got, expected, 1e-12, "prediction after loading")
 
 
+def replace_carry(predictor):
+    h, c_state = predictor.learner.carry
+    predictor.learner.carry = (0.5 * h, c_state.clone())
+
+
+def replace_trace(predictor):
+    (key,) = predictor.learner_traces
+    predictor.learner_traces[key] = 0.5 * predictor.learner_traces[key]
+
+
+def replace_optimizer_state(predictor):
+    state = predictor.optimizer.state[predictor.learner.params["weight"]]
+    state["second_moment"] = 2.0 * state["second_moment"]
+
+
+def replace_normalizer_mean(predictor):
+    predictor.input_normalizer.mean = predictor.input_normalizer.mean + 0.25
+
+
 @needs_kernel
-def test_fused_step_follows_tensors_replaced_from_outside():
-    """A carry assigned by other code (a wrapper, a test) is what the next step reads."""
-    eager = make_predictor("tbptt", "eager", torch.float64)
-    fast = make_predictor("tbptt", "fused", torch.float64)
+@pytest.mark.parametrize(
+    "replace", [replace_carry, replace_trace, replace_optimizer_state, replace_normalizer_mean]
+)
+def test_fused_step_follows_tensors_replaced_from_outside(replace):
+    """A tensor assigned by other code (a wrapper, a test) is what the next step reads."""
+    eager = make_predictor("tbptt", "eager", torch.float64, optimizer="rmsprop_td")
+    fast = make_predictor("tbptt", "fused", torch.float64, optimizer="rmsprop_td")
     for t, (x, c, discount, _) in enumerate(stream_of_steps(30, torch.float64)):
         if t == 15:
-            for predictor in (eager, fast):
-                h, c_state = predictor.learner.carry
-                predictor.learner.carry = (0.5 * h, c_state.clone())
+            replace(eager)
+            replace(fast)
         expected = eager.step(x, c, discount=discount)
         assert_relatively_close(fast.step(x, c, discount=discount), expected, 1e-12, f"step {t}")
 
