@@ -714,10 +714,11 @@ inline void combine_columns(T* __restrict out, const T* __restrict coefficient, 
   combine_block<1>(out, coefficient, step, columns, count, w, s);
 }
 
-// Shared weights and at most this many units: T-BPTT's forward pass and its adjoints run
-// across the streams (the inner loop walks the streams), not along rows of n or d + n + 1
-// entries, which are too short to vectorise well.
-constexpr index WINDOW_ACROSS_STREAMS_MAX_UNITS = 64;
+// With shared weights, T-BPTT's forward pass and its adjoints run across the streams (the
+// inner loop walks the streams, not rows of n or d + n + 1 entries, which are too short to
+// vectorise well at small n; each weight is read once per group, which pays at large n),
+// in groups of at most this many streams so that the scratch stays k x 4n x 32 entries.
+constexpr index WINDOW_STREAM_GROUP = 32;
 
 // plugins/tbptt.py: a window of the last k steps, newest in slot 0; grad(v) back-propagates
 // v through it with the current (updated) recurrent weights U = W[:, :, :, d : d + n].
@@ -745,7 +746,14 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
   for (int s = 0; s < 5; ++s) {
     std::memmove(slots[s] + slot_sizes[s], slots[s], sizeof(T) * slot_sizes[s] * (window - 1));
   }
-  const bool across_streams = P == 1 && n <= WINDOW_ACROSS_STREAMS_MAX_UNITS;
+  // body(first, last) over groups of at most WINDOW_STREAM_GROUP streams of [first, last).
+  auto in_groups = [](const auto& body) {
+    return [&body](index first_stream, index last_stream) {
+      for (index group = first_stream; group < last_stream; group += WINDOW_STREAM_GROUP) {
+        body(group, std::min(last_stream, group + WINDOW_STREAM_GROUP));
+      }
+    };
+  };
   // This step's cell input z = [x^, h_prev, 1] goes to window slot 0, read in full before h
   // moves; the gates' derivatives go to the other slots.
   auto cell_input_of = [&](index b) {
@@ -776,7 +784,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
     std::vector<T> a(rows);
     for (index b = first_stream; b < last_stream; ++b) {
       const T* z = cell_input_of(b);
-      const T* w = weight + (P == 1 ? 0 : b) * block;
+      const T* w = weight + b * block;  // independent weights (shared ones: forward_across)
       for (index r = 0; r < rows; ++r) a[r] = dot(w + r * m, z, m);
       const T* __restrict a_b = a.data();
 #pragma omp simd
@@ -823,8 +831,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
     }
   };
-  if (across_streams) {
-    parallel_for(B, threads_for(td, B * block, B), forward_across);
+  if (P == 1) {
+    parallel_for(B, threads_for(td, B * block, B), in_groups(forward_across));
   } else {
     parallel_for(B, threads_for(td, B * block, B), forward_streams);
   }
@@ -886,8 +894,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
     std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
     std::vector<T> gradient(m);
     std::vector<const T*> inputs(window);
-    for (index b = first_stream; b < last_stream; ++b) {
-      const index p = P == 1 ? 0 : b;
+    for (index b = first_stream; b < last_stream; ++b) {  // independent weights
       const index ages = steps_in_window[b];
       for (index q = 0; q < K; ++q) {
         for (index i = 0; i < n; ++i) {
@@ -907,7 +914,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
           // next_h = U^T adjoint_a, summed over rows in order. The first row initialises the
           // sum (no separate zero fill: a narrow store followed by a wide load of the same
           // bytes stalls the pipeline, which dominated small networks).
-          const T* __restrict recurrent = weight + p * rows * m + d;
+          const T* __restrict recurrent = weight + b * block + d;
           T* __restrict h_sum = next_h.data();
           for (index j = 0; j < n; ++j) h_sum[j] = adjoint_a[0] * recurrent[j];
           for (index r = 1; r < rows; ++r) {
@@ -980,8 +987,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       }
     }
   };
-  if (across_streams) {
-    parallel_for(B, threads_for(td, window_work, B), backward_across);
+  if (P == 1) {
+    parallel_for(B, threads_for(td, window_work, B), in_groups(backward_across));
   } else {
     parallel_for(B, threads_for(td, window_work, B), backward_streams);
   }

@@ -405,7 +405,7 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
     [
         ("elstm", {"n_features": 60}),  # input + cells >= 64: the row-by-row output sweep
         ("tbptt", {"n_features": 4, "truncation": 11}),  # more ages than the unrolled sums
-        ("tbptt", {"n_features": 70, "truncation": 3}),  # > 64 units: one stream at a time
+        ("tbptt", {"n_features": 70, "truncation": 3}),  # U^T sums over 280 rows per stream
         ("columnar", {"n_features": 700}),  # several chunks of columns per sweep
     ],
 )
