@@ -283,7 +283,7 @@ class TDPredictor:
         normalized_state = self.feature_normalizer.normalize(state)
         self.feature_normalizer.update(state)
         features = self._head_features(normalized_state, normalized_observation)
-        prediction = (features.unsqueeze(1) * self.head_weight).sum(-1)
+        prediction = self._heads(features)
 
         td_error = cumulant + gamma.unsqueeze(1) * prediction - self.previous_prediction
         td_error = td_error * self.has_previous.unsqueeze(1)
@@ -327,6 +327,26 @@ class TDPredictor:
                 param.grad = grad
         with torch.no_grad():
             self.optimizer.step()
+
+    def head_predictions(self, state: Tensor, observation: Tensor) -> Tensor:
+        """What the heads predict from agent state ``state`` and raw ``observation`` now.
+
+        Args:
+            state: ``h: [B, n_features]``, e.g. from the learner's ``functional_step``.
+            observation: ``x: [B, input_size]``, not normalised.
+
+        Returns:
+            ``[B, n_cumulants]`` with the current weights and normalisers; nothing is
+            stepped, learned or counted in the normalisers' statistics.
+        """
+        features = self._head_features(
+            self.feature_normalizer.normalize(state), self.input_normalizer.normalize(observation)
+        )
+        return self._heads(features)
+
+    def _heads(self, features: Tensor) -> Tensor:
+        """``W_k . phi`` for every stream: ``[B, n_cumulants]``."""
+        return (features.unsqueeze(1) * self.head_weight).sum(-1)
 
     def _head_features(self, normalized_state: Tensor, normalized_observation: Tensor) -> Tensor:
         parts = [normalized_state]

@@ -243,3 +243,28 @@ def test_agent_state_is_what_the_heads_read(backend):
         x = torch.randn(2, 3, generator=generator)
         predictor.step(x, torch.zeros(2, 1))
         torch.testing.assert_close(predictor.agent_state, twin.step(x))
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_head_predictions_are_what_the_next_step_predicts(backend):
+    """``head_predictions`` of the state a step would reach equals that step's prediction
+    (normalisers, heads and all), and neither learns nor moves the statistics."""
+    from agentstate import fused
+
+    if backend == "fused" and fused.load_library() is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    learner = agentstate.make_learner("columnar", INPUTS, streams=STREAMS, seed=1, n_features=3)
+    predictor = TDPredictor(learner, 2, TDConfig(backend=backend, include_observation=True))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(STREAMS, INPUTS, generator=generator)
+        predictor.step(x, torch.rand(STREAMS, 2, generator=generator))
+    x = torch.randn(STREAMS, INPUTS, generator=generator)
+    before = {key: value.clone() for key, value in predictor.state_dict().items()
+              if isinstance(value, torch.Tensor)}
+    normalized = predictor.input_normalizer.normalize(x)
+    _, state = learner.functional_step(learner.params, learner.carry, normalized)
+    expected = predictor.head_predictions(state, x)
+    for key, value in before.items():
+        assert torch.equal(predictor.state_dict()[key], value), key
+    torch.testing.assert_close(predictor.step(x, torch.zeros(STREAMS, 2)), expected)

@@ -361,7 +361,7 @@ def test_terminal_predictions_without_stepping_equal_the_engine_predictions():
     rollout(env, 40)
     core = env.core
     x = torch.randn(1, len(core.input_names))
-    expected = core._head_predictions(core._forward(x)[1], x)
+    expected = env.predictor.head_predictions(core._forward(x)[1], x)
     actual = env.predictor.step(x, torch.zeros(1, core.cumulants.size))
     torch.testing.assert_close(expected, actual)
 

@@ -405,7 +405,7 @@ class AgentStateCore:
             if start is not None:
                 self.learner.reset(start)
             self.learner.carry, state = self._forward(x)
-            predictions = self._head_predictions(state, x)
+            predictions = self.engine.head_predictions(state, x)
         return _to_numpy(state, np.float32), _to_numpy(predictions, np.float64)
 
     def _forward(self, x: Tensor) -> tuple[Any, Tensor]:
@@ -423,23 +423,8 @@ class AgentStateCore:
         x = torch.zeros(self.streams, final_input.shape[1], dtype=final_input.dtype)
         x[streams] = final_input
         _, state = self._forward(x)
-        predictions = self._head_predictions(state, x)[streams]
+        predictions = self.engine.head_predictions(state, x)[streams]
         return _to_numpy(state[streams], np.float32), predictions
-
-    def _head_predictions(self, state: Tensor, x: Tensor) -> Tensor:
-        """``W_k . [normalize(h), normalize(x) (if the heads see it), 1]``: ``[B, K]``.
-
-        The features of the engine's heads (``agentstate.td``); the tests hold this to the
-        predictions ``TDPredictor.step`` returns.
-        """
-        engine = self.engine
-        parts = [engine.feature_normalizer.normalize(state)]
-        if engine.config.include_observation:
-            parts.append(engine.input_normalizer.normalize(x))
-        if engine.config.include_bias:
-            parts.append(torch.ones_like(state[:, :1]))
-        features = torch.cat(parts, dim=1)
-        return (features.unsqueeze(1) * engine.head_weight).sum(-1)
 
     # ---------------------------------------------------------------- checks
     def _nonfinite(
