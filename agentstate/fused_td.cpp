@@ -79,6 +79,34 @@ T dot(const T* __restrict a, const T* __restrict b, index count) {
   return sum;
 }
 
+// out[s] = sum_r coefficient[r * step] * columns[r * w + s] for s < w, summed over r in order
+// (the same order, so the same bits, for every s and every w). Blocks of LANES outputs are
+// summed in registers: LANES / vector-width independent chains hide the adds' latency.
+template <index LANES, typename T>
+inline index combine_block(T* __restrict out, const T* __restrict coefficient, index step,
+                           const T* __restrict columns, index count, index w, index s) {
+  for (; s + LANES <= w; s += LANES) {
+    T sum[LANES];
+    const T first = coefficient[0];
+    for (index l = 0; l < LANES; ++l) sum[l] = first * columns[s + l];
+    for (index r = 1; r < count; ++r) {
+      const T c = coefficient[r * step];
+      const T* __restrict column = columns + r * w + s;
+      for (index l = 0; l < LANES; ++l) sum[l] += c * column[l];
+    }
+    for (index l = 0; l < LANES; ++l) out[s + l] = sum[l];
+  }
+  return s;
+}
+
+template <typename T>
+inline void combine_columns(T* __restrict out, const T* __restrict coefficient, index step,
+                            const T* __restrict columns, index count, index w) {
+  index s = combine_block<32>(out, coefficient, step, columns, count, w, 0);
+  s = combine_block<8>(out, coefficient, step, columns, count, w, s);
+  combine_block<1>(out, coefficient, step, columns, count, w, s);
+}
+
 // ------------------------------------------------------------------ threads
 // Threads worth starting for `work` entries: at most `threads`, each with >= `grain` of it.
 inline index threads_for(const TDArgs& td, index work, index parts) {
@@ -684,34 +712,6 @@ void add_window_gradient(T* __restrict e, T decay, const T* adjoints, index stri
     }
     for (index i = 0; i < m; ++i) e_row[i] = e_row[i] * decay + gradient[i];
   }
-}
-
-// out[s] = sum_r coefficient[r * step] * columns[r * w + s] for s < w, summed over r in order
-// (the same order, so the same bits, for every s and every w). Blocks of LANES outputs are
-// summed in registers: LANES / vector-width independent chains hide the adds' latency.
-template <index LANES, typename T>
-inline index combine_block(T* __restrict out, const T* __restrict coefficient, index step,
-                           const T* __restrict columns, index count, index w, index s) {
-  for (; s + LANES <= w; s += LANES) {
-    T sum[LANES];
-    const T first = coefficient[0];
-    for (index l = 0; l < LANES; ++l) sum[l] = first * columns[s + l];
-    for (index r = 1; r < count; ++r) {
-      const T c = coefficient[r * step];
-      const T* __restrict column = columns + r * w + s;
-      for (index l = 0; l < LANES; ++l) sum[l] += c * column[l];
-    }
-    for (index l = 0; l < LANES; ++l) out[s + l] = sum[l];
-  }
-  return s;
-}
-
-template <typename T>
-inline void combine_columns(T* __restrict out, const T* __restrict coefficient, index step,
-                            const T* __restrict columns, index count, index w) {
-  index s = combine_block<32>(out, coefficient, step, columns, count, w, 0);
-  s = combine_block<8>(out, coefficient, step, columns, count, w, s);
-  combine_block<1>(out, coefficient, step, columns, count, w, s);
 }
 
 // With shared weights, T-BPTT's forward pass and its adjoints run across the streams (the
