@@ -24,18 +24,40 @@ constexpr index CHUNK_ENTRIES = index(1) << 14;
 // vectorise on their own, and the extra pass over the scratch would only cost.
 constexpr index SHORT_ROW = 64;
 
-// out[b * rows + r] = weight_p[r] . input_b (+ offset_p[r]) for every stream b, with weight
+// Staged short rows are written in whole vectors of this many entries (see stage_outer).
+constexpr index STAGING_LANES = 8;
+
+// out[r * width + i] = scale[r] * values[i] for r < rows, i < width, in whole blocks of
+// STAGING_LANES entries (no scalar remainder per row): a row's last block spills into the
+// next row, which then overwrites it. The last row's spill needs STAGING_LANES - 1 entries
+// of slack past out's rows, and values as many readable entries past width.
+template <typename T>
+inline void stage_outer(T* __restrict out, const T* __restrict scale, index rows,
+                        const T* __restrict values, index width) {
+  for (index r = 0; r < rows; ++r) {
+    T* __restrict row = out + r * width;
+    const T s = scale[r];
+    for (index i = 0; i < width; i += STAGING_LANES) {
+#pragma omp simd
+      for (index l = 0; l < STAGING_LANES; ++l) row[i + l] = s * values[i + l];
+    }
+  }
+}
+
+// out[b * rows + r] = weight_p[r] . input_b (+ offset_p[r]) for every stream b (or, with
+// `out_by_row` set, out[r * out_by_row + b]: rows of streams), with weight
 // row r at weight + (p * rows + r) * row_stride (the first `width` entries are used) and, if
-// given, masked by row r % mask_rows of `mask` ([mask_rows, width], 0 or 1: the masked weight
-// is never formed). Shared weights go row by row, each weight times the inputs of every
-// stream in one vectorised multiply-add (the inputs transposed to [width, B]); every sum runs
-// over the row in order.
+// given, masked by row r % mask_rows of `mask` ([mask_rows, width], 0 or 1: only one masked
+// row at a time is formed). Shared weights go row by row, each weight times the inputs of
+// every stream (the inputs transposed to [width, B]) in combine_columns' register blocks;
+// every sum runs over the row in order.
 template <typename T>
 void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stride,
                         const T* offset, index rows, index width, const T* input,
-                        index input_stride, T* out, const T* mask = nullptr,
-                        index mask_rows = 1) {
+                        index input_stride, T* out, index out_by_row = 0,
+                        const T* mask = nullptr, index mask_rows = 1) {
   const index B = engine.B;
+  const index out_stream = out_by_row ? 1 : rows, out_row = out_by_row ? out_by_row : 1;
   auto weight_at = [&](const T* row, index r, index i) {
     return mask ? row[i] * mask[(r % mask_rows) * width + i] : row[i];
   };
@@ -43,20 +65,19 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
   // per-stream dot products below (the across-streams sums stall on their accumulators).
   if (engine.P == 1 && (width <= ACROSS_STREAMS_MAX_WIDTH || mask)) {
     parallel_for(rows, threads_for(engine.td, B * rows * width, rows), [&](index first, index last) {
-      std::vector<T> by_entry(width * B), sum(B);
+      std::vector<T> by_entry(width * B), masked_row(mask ? width : 0), sum(B);
       for (index b = 0; b < B; ++b)
         for (index i = 0; i < width; ++i) by_entry[i * B + b] = input[b * input_stride + i];
       for (index r = first; r < last; ++r) {
         const T* row = weight + r * row_stride;
-        std::fill(sum.begin(), sum.end(), T(0));
-        for (index i = 0; i < width; ++i) {
-          const T w = weight_at(row, r, i);
-          const T* __restrict x = by_entry.data() + i * B;
-          T* __restrict s = sum.data();
-#pragma omp simd
-          for (index b = 0; b < B; ++b) s[b] += x[b] * w;
+        if (mask) {
+          for (index i = 0; i < width; ++i) masked_row[i] = weight_at(row, r, i);
+          row = masked_row.data();
         }
-        for (index b = 0; b < B; ++b) out[b * rows + r] = offset ? sum[b] + offset[r] : sum[b];
+        combine_columns(sum.data(), row, index(1), by_entry.data(), width, B);
+        for (index b = 0; b < B; ++b) {
+          out[b * out_stream + r * out_row] = offset ? sum[b] + offset[r] : sum[b];
+        }
       }
     });
     return;
@@ -72,7 +93,8 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
         } else {
           sum = dot(row, z, width);
         }
-        out[b * rows + r] = offset ? sum + offset[(engine.P == 1 ? 0 : b) * rows + r] : sum;
+        out[b * out_stream + r * out_row] =
+            offset ? sum + offset[(engine.P == 1 ? 0 : b) * rows + r] : sum;
       }
     }
   });
@@ -85,7 +107,8 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
 // the sum over streams (shared parameters, divisor B: the mean), or after each stream's body
 // (independent ones, p = b). `scratch` (as large as `update`) is the thread's own: a body
 // stages per-row products there so that its trace and update loops run over the whole chunk
-// at once (rows of a small network are too short to vectorise one by one).
+// at once (rows of a small network are too short to vectorise one by one); it has
+// STAGING_LANES entries of slack for stage_outer.
 template <typename T, typename Body, typename Apply>
 void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index work, bool train,
                 const Body& body, const Apply& apply) {
@@ -95,7 +118,8 @@ void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index wo
       1, std::min({rows, CHUNK_ENTRIES / row_entries, (rows + threads - 1) / threads}));
   const index chunks = (rows + chunk - 1) / chunk;
   parallel_for(chunks, threads, [&](index first_chunk, index last_chunk) {
-    std::vector<T> update(train ? chunk * row_entries : 0), scratch(chunk * row_entries);
+    std::vector<T> update(train ? chunk * row_entries : 0);
+    std::vector<T> scratch(chunk * row_entries + STAGING_LANES);
     for (index at = first_chunk; at < last_chunk; ++at) {
       const index first = at * chunk, last = std::min(rows, first + chunk);
       const index count = (last - first) * row_entries;
@@ -167,59 +191,71 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
   const T* x = engine.observation.data();
   std::copy_n(x, B * D, static_cast<T*>(cells.last_input));
 
-  // The cell with the weights before this step's update.
-  std::vector<T> preactivation(B * rows);  // W_g x + b_g
+  // The cell with the weights before this step's update, across the streams: the arrays
+  // below (the sweep's kappa, dc_t/dc_t-1 and c_t-1 too) are [units or gate rows, lanes], the
+  // streams padded to whole vectors of GATE_LANES so that a stream's tanh and exp never fall
+  // in a scalar remainder (see td_window).
+  const index lanes = (B + GATE_LANES - 1) / GATE_LANES * GATE_LANES;
+  std::vector<T> preactivation(rows * lanes, T(0));  // W_g x + b_g
   matvec_all_streams(engine, gate_input_weight, D, gate_bias, rows, D, x, D,
-                     preactivation.data());
-  std::vector<T> c_prev(c_carry, c_carry + B * N), kappa(B * rows), dc_dc_prev(B * N);
-  std::vector<T> output_input(B * output_width);  // [x; c_t]
-  std::vector<T> candidates(N), forgets(N);
+                     preactivation.data(), lanes);
+  std::vector<T> cell_weight(rows * lanes, T(0)), c_prev(N * lanes, T(0)), c_new(N * lanes);
   for (index b = 0; b < B; ++b) {
-    const index p = P == 1 ? 0 : b;
-    const T* __restrict a_z = preactivation.data() + b * rows;
-    const T* __restrict a_f = a_z + N;
-    const T* __restrict w_z = gate_cell_weight + p * rows;
-    const T* __restrict w_f = w_z + N;
-    const T* __restrict c_old = c_prev.data() + b * N;
-    T* __restrict kappa_z = kappa.data() + b * rows;
-    T* __restrict kappa_f = kappa_z + N;
-    T* __restrict decay_b = dc_dc_prev.data() + b * N;
-    T* __restrict c_new = output_input.data() + b * output_width + D;
+    const T* w = gate_cell_weight + (P == 1 ? 0 : b) * rows;
+    for (index r = 0; r < rows; ++r) cell_weight[r * lanes + b] = w[r];
+    for (index i = 0; i < N; ++i) c_prev[i * lanes + b] = c_carry[b * N + i];
+  }
+  std::vector<T> kappa(rows * lanes), dc_dc_prev(N * lanes);
+  for (index i = 0; i < N; ++i) {
+    for (index block = i * lanes; block < (i + 1) * lanes; block += GATE_LANES) {
+      const T* __restrict a_z = preactivation.data() + block;
+      const T* __restrict a_f = a_z + N * lanes;
+      const T* __restrict w_z = cell_weight.data() + block;
+      const T* __restrict w_f = w_z + N * lanes;
+      const T* __restrict c_old = c_prev.data() + block;
+      T* __restrict kappa_z = kappa.data() + block;
+      T* __restrict kappa_f = kappa_z + N * lanes;
+      T* __restrict decay = dc_dc_prev.data() + block;
+      T* __restrict c_t = c_new.data() + block;
+      T candidate[GATE_LANES], forget[GATE_LANES];
+      // The gates in a loop of their own: it vectorises, calling the vector tanh and exp.
+#pragma omp simd
+      for (index l = 0; l < GATE_LANES; ++l) {
+        candidate[l] = rounded_tanh(multiply_add(w_z[l], c_old[l], a_z[l]));
+        forget[l] = rounded_sigmoid(multiply_add(w_f[l], c_old[l], a_f[l]));
+      }
+#pragma omp simd
+      for (index l = 0; l < GATE_LANES; ++l) {
+        c_t[l] = lerp(candidate[l], c_old[l], forget[l]);  // f c_t-1 + (1 - f) z
+        const T one_minus_forget = T(1) - forget[l];
+        kappa_z[l] = one_minus_forget * (T(1) - candidate[l] * candidate[l]);
+        kappa_f[l] = (c_old[l] - candidate[l]) * forget[l] * one_minus_forget;
+        decay[l] = multiply_add(kappa_f[l], w_f[l], multiply_add(kappa_z[l], w_z[l], forget[l]));
+      }
+    }
+  }
+  // [x; c_t]: [B, D + N], and slack for stage_outer.
+  std::vector<T> output_input(B * output_width + STAGING_LANES);
+  for (index b = 0; b < B; ++b) {
     std::copy_n(x + b * D, D, output_input.data() + b * output_width);
-    T* __restrict candidate_b = candidates.data();
-    T* __restrict forget_b = forgets.data();
-    // The gates in a loop of their own: it vectorises, calling the vector tanh and exp.
-#pragma omp simd
-    for (index i = 0; i < N; ++i) {
-      candidate_b[i] = rounded_tanh(multiply_add(w_z[i], c_old[i], a_z[i]));
-      forget_b[i] = rounded_sigmoid(multiply_add(w_f[i], c_old[i], a_f[i]));
-    }
-#pragma omp simd
-    for (index i = 0; i < N; ++i) {
-      const T candidate = candidate_b[i], forget = forget_b[i];
-      c_new[i] = lerp(candidate, c_old[i], forget);  // f c_t-1 + (1 - f) z
-      const T one_minus_forget = T(1) - forget;
-      kappa_z[i] = one_minus_forget * (T(1) - candidate * candidate);
-      kappa_f[i] = (c_old[i] - candidate) * forget * one_minus_forget;
-      decay_b[i] = multiply_add(kappa_f[i], w_f[i], multiply_add(kappa_z[i], w_z[i], forget));
-    }
+    for (index i = 0; i < N; ++i) output_input[b * output_width + D + i] = c_new[i * lanes + b];
   }
-  std::vector<T> output_preactivation(B * N), h(B * N);
+  std::vector<T> output_preactivation(N * lanes, T(0)), o(N * lanes), h(B * N);
   matvec_all_streams(engine, output_weight, output_width, output_bias, N, output_width,
-                     output_input.data(), output_width, output_preactivation.data());
-  for (index b = 0; b < B; ++b) {
-    const T* __restrict a_o = output_preactivation.data() + b * N;
-    const T* __restrict c_new = output_input.data() + b * output_width + D;
-    T* __restrict o = output_gate + b * N;
-    T* __restrict h_b = h.data() + b * N;
-    T* __restrict c_b = c_carry + b * N;
+                     output_input.data(), output_width, output_preactivation.data(), lanes);
+  for (index block = 0; block < N * lanes; block += GATE_LANES) {
+    const T* __restrict a_o = output_preactivation.data() + block;
+    T* __restrict o_block = o.data() + block;
 #pragma omp simd
-    for (index i = 0; i < N; ++i) {
-      o[i] = rounded_sigmoid(a_o[i]);
-      h_b[i] = o[i] * c_new[i];
-      c_b[i] = c_new[i];
-    }
+    for (index l = 0; l < GATE_LANES; ++l) o_block[l] = rounded_sigmoid(a_o[l]);
   }
+  for (index b = 0; b < B; ++b)
+    for (index i = 0; i < N; ++i) {
+      const T o_t = o[i * lanes + b], c_t = c_new[i * lanes + b];
+      output_gate[b * N + i] = o_t;
+      h[b * N + i] = o_t * c_t;
+      c_carry[b * N + i] = c_t;
+    }
 
   engine.predict(h.data());
   engine.update_heads();
@@ -265,8 +301,7 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
             T* __restrict u = update;
             if (output_width < SHORT_ROW) {  // e [x; c_t]^T staged, then one loop
               T* __restrict outer = scratch;
-              for (index r = 0; r < count; ++r)
-                for (index i = 0; i < output_width; ++i) outer[r * output_width + i] = e_rows[r] * z[i];
+              stage_outer(outer, e_rows, count, z, output_width);
               for (index i = 0; i < entries; ++i) {
                 u[i] += error * e[i];
                 e[i] = e[i] * decay + outer[i];
@@ -329,30 +364,32 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
       [&](index b, index first, index last, T* update, T* scratch) {
         const index count = last - first;
         const T* __restrict x_b = x + b * D;
-        for (index r = first; r < last; ++r) {
-          const index unit = r % N;
-          const T scale = dc_dc_prev[b * N + unit], kappa_r = kappa[b * rows + r];
-          T* __restrict s = sensitivity + (b * rows + r) * width;
-          for (index i = 0; i < D; ++i) s[i] = multiply_add(kappa_r, x_b[i], s[i] * scale);
-          s[D] = multiply_add(kappa_r, c_prev[b * N + unit], s[D] * scale);
-          s[D + 1] = s[D + 1] * scale + kappa_r;
-        }
-        if (!train) return;
-        // (v . dh_t/dc_t) S, laid out as the update: [rows, D], [rows], [rows].
+        const T decay = engine.trace_decay[b];
+        // (v_q . dh_t/dc_t) S, laid out as the update: [rows, D], [rows], [rows].
         T* __restrict weighted_input = scratch;
         T* __restrict weighted_cell = scratch + count * D;
         T* __restrict weighted_bias = weighted_cell + count;
-        const T decay = engine.trace_decay[b];
-        for (index q = 0; q < K; ++q) {
-          const T error = engine.delta[b * K + q];
-          const T* g = cell_weight_v.data() + (b * K + q) * N;
+        // S moves row by row with q = 0's staging; then per q the update and trace loops.
+        for (index q = 0; q < (train ? K : 1); ++q) {
+          const T* __restrict g = train ? cell_weight_v.data() + (b * K + q) * N : nullptr;
           for (index r = 0; r < count; ++r) {
-            const T g_r = g[(first + r) % N];
-            const T* __restrict s = sensitivity + (b * rows + first + r) * width;
+            const index unit = first + r < N ? first + r : first + r - N;
+            T* __restrict s = sensitivity + (b * rows + first + r) * width;
+            if (q == 0) {
+              const T scale = dc_dc_prev[unit * lanes + b];
+              const T kappa_r = kappa[(first + r) * lanes + b];
+              for (index i = 0; i < D; ++i) s[i] = multiply_add(kappa_r, x_b[i], s[i] * scale);
+              s[D] = multiply_add(kappa_r, c_prev[unit * lanes + b], s[D] * scale);
+              s[D + 1] = s[D + 1] * scale + kappa_r;
+            }
+            if (!train) continue;
+            const T g_r = g[unit];
             for (index i = 0; i < D; ++i) weighted_input[r * D + i] = g_r * s[i];
             weighted_cell[r] = g_r * s[D];
             weighted_bias[r] = g_r * s[D + 1];
           }
+          if (!train) return;
+          const T error = engine.delta[b * K + q];
           const index row = (q * B + b) * rows + first;
           T* __restrict e = input_trace + row * D;
           T* __restrict u = update;
@@ -571,7 +608,7 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
   }
   std::vector<T> preactivation(B * rows);
   matvec_all_streams(engine, weight, m, static_cast<const T*>(nullptr), rows, m,
-                     cell_input.data(), m, preactivation.data(), mask, n);
+                     cell_input.data(), m, preactivation.data(), 0, mask, n);
 
   // Per stream and unit: kappa, dh/da, and the diagonal of the state Jacobian.
   std::vector<T> dc_da(B * rows), dh_da(B * rows), forget(B * n), dh_dc_prev(B * n);
