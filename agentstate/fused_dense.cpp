@@ -74,7 +74,7 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
           for (index i = 0; i < width; ++i) masked_row[i] = weight_at(row, r, i);
           row = masked_row.data();
         }
-        combine_columns(sum.data(), row, index(1), by_entry.data(), width, B);
+        combine_columns(sum.data(), B, row, width, index(1), by_entry.data(), width, B);
         for (index b = 0; b < B; ++b) {
           out[b * out_stream + r * out_row] = offset ? sum[b] + offset[r] : sum[b];
         }

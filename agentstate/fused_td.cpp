@@ -79,32 +79,84 @@ T dot(const T* __restrict a, const T* __restrict b, index count) {
   return sum;
 }
 
-// out[s] = sum_r coefficient[r * step] * columns[r * w + s] for s < w, summed over r in order
-// (the same order, so the same bits, for every s and every w). Blocks of LANES outputs are
-// summed in registers: LANES / vector-width independent chains hide the adds' latency.
-template <index LANES, typename T>
-inline index combine_block(T* __restrict out, const T* __restrict coefficient, index step,
-                           const T* __restrict columns, index count, index w, index s) {
-  for (; s + LANES <= w; s += LANES) {
-    T sum[LANES];
-    const T first = coefficient[0];
-    for (index l = 0; l < LANES; ++l) sum[l] = first * columns[s + l];
-    for (index r = 1; r < count; ++r) {
-      const T c = coefficient[r * step];
-      const T* __restrict column = columns + r * w + s;
-      for (index l = 0; l < LANES; ++l) sum[l] += c * column[l];
-    }
-    for (index l = 0; l < LANES; ++l) out[s + l] = sum[l];
+// A 32-byte vector of T (GCC/Clang vector extension): element-wise + and * round each lane
+// exactly as the scalar operations do.
+template <typename T>
+struct Vector {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr index lanes = 32 / sizeof(T);
+  static type load(const T* from) {
+    type value;
+    std::memcpy(&value, from, sizeof(type));
+    return value;
   }
-  return s;
+  static void store(T* to, const type& value) { std::memcpy(to, &value, sizeof(type)); }
+};
+
+// out[j * out_stride + s] = sum_r coefficient[j * j_step + r * r_step] columns[r * w + s] for
+// j < outputs and s < w: weighted sums of the rows of a [count, w] matrix, each summed over r
+// in order (the same order, so the same bits, however the outputs are tiled). A tile of
+// J outputs x VECTORS vectors of lanes is summed in registers: J x VECTORS independent
+// chains hide the adds' latency, and each vector of a row serves J outputs.
+template <index J, index VECTORS, typename T>
+inline void combine_tile(T* __restrict out, index out_stride, const T* __restrict coefficient,
+                         index j_step, index r_step, const T* __restrict columns, index count,
+                         index w, index s) {
+  using V = Vector<T>;
+  typename V::type sum[J][VECTORS];
+  for (index v = 0; v < VECTORS; ++v) {
+    const typename V::type column = V::load(columns + s + v * V::lanes);
+    for (index j = 0; j < J; ++j) sum[j][v] = coefficient[j * j_step] * column;
+  }
+  for (index r = 1; r < count; ++r) {
+    for (index v = 0; v < VECTORS; ++v) {
+      const typename V::type column = V::load(columns + r * w + s + v * V::lanes);
+      for (index j = 0; j < J; ++j) sum[j][v] += coefficient[j * j_step + r * r_step] * column;
+    }
+  }
+  for (index j = 0; j < J; ++j)
+    for (index v = 0; v < VECTORS; ++v) V::store(out + j * out_stride + s + v * V::lanes, sum[j][v]);
+}
+
+// The lanes that do not fill a vector: J outputs of lane s, one scalar chain each.
+template <index J, typename T>
+inline void combine_lane(T* __restrict out, index out_stride, const T* __restrict coefficient,
+                         index j_step, index r_step, const T* __restrict columns, index count,
+                         index w, index s) {
+  T sum[J];
+  for (index j = 0; j < J; ++j) sum[j] = coefficient[j * j_step] * columns[s];
+  for (index r = 1; r < count; ++r) {
+    for (index j = 0; j < J; ++j) sum[j] += coefficient[j * j_step + r * r_step] * columns[r * w + s];
+  }
+  for (index j = 0; j < J; ++j) out[j * out_stride + s] = sum[j];
 }
 
 template <typename T>
-inline void combine_columns(T* __restrict out, const T* __restrict coefficient, index step,
-                            const T* __restrict columns, index count, index w) {
-  index s = combine_block<32>(out, coefficient, step, columns, count, w, 0);
-  s = combine_block<8>(out, coefficient, step, columns, count, w, s);
-  combine_block<1>(out, coefficient, step, columns, count, w, s);
+inline void combine_columns(T* out, index out_stride, const T* coefficient, index j_step,
+                            index r_step, const T* columns, index count, index w,
+                            index outputs = 1) {
+  constexpr index LANES = Vector<T>::lanes;
+  index j = 0;
+  for (; j + 4 <= outputs; j += 4) {  // 4 outputs x 1 vector
+    T* out_j = out + j * out_stride;
+    const T* coefficient_j = coefficient + j * j_step;
+    index s = 0;
+    for (; s + LANES <= w; s += LANES)
+      combine_tile<4, 1>(out_j, out_stride, coefficient_j, j_step, r_step, columns, count, w, s);
+    for (; s < w; ++s)
+      combine_lane<4>(out_j, out_stride, coefficient_j, j_step, r_step, columns, count, w, s);
+  }
+  for (; j < outputs; ++j) {  // 1 output x 4 vectors, or x 1
+    T* out_j = out + j * out_stride;
+    const T* coefficient_j = coefficient + j * j_step;
+    index s = 0;
+    for (; s + 4 * LANES <= w; s += 4 * LANES)
+      combine_tile<1, 4>(out_j, out_stride, coefficient_j, j_step, r_step, columns, count, w, s);
+    for (; s + LANES <= w; s += LANES)
+      combine_tile<1, 1>(out_j, out_stride, coefficient_j, j_step, r_step, columns, count, w, s);
+    for (; s < w; ++s)
+      combine_lane<1>(out_j, out_stride, coefficient_j, j_step, r_step, columns, count, w, s);
+  }
 }
 
 // ------------------------------------------------------------------ threads
@@ -714,10 +766,11 @@ void add_window_gradient(T* __restrict e, T decay, const T* adjoints, index stri
   }
 }
 
-// With shared weights, T-BPTT's forward pass and its adjoints run across the streams (the
-// inner loop walks the streams, not rows of n or d + n + 1 entries, which are too short to
-// vectorise well at small n; each weight is read once per group, which pays at large n),
-// in groups of at most this many streams so that the scratch stays k x 4n x 32 entries.
+// With shared weights and at least one vector of streams, T-BPTT's forward pass and its
+// adjoints run across the streams (the inner loop walks the streams, not rows of n or
+// d + n + 1 entries, which are too short to vectorise well at small n; each weight is read
+// once per group, which pays at large n), threads taking whole vectors of streams, in
+// groups of at most WINDOW_STREAM_GROUP streams so that the scratch stays k x 4n x 32.
 constexpr index WINDOW_STREAM_GROUP = 32;
 
 // plugins/tbptt.py: a window of the last k steps, newest in slot 0; grad(v) back-propagates
@@ -746,13 +799,17 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
   for (int s = 0; s < 5; ++s) {
     std::memmove(slots[s] + slot_sizes[s], slots[s], sizeof(T) * slot_sizes[s] * (window - 1));
   }
-  // body(first, last) over groups of at most WINDOW_STREAM_GROUP streams of [first, last).
-  auto in_groups = [](const auto& body) {
-    return [&body](index first_stream, index last_stream) {
-      for (index group = first_stream; group < last_stream; group += WINDOW_STREAM_GROUP) {
+  constexpr index LANES = Vector<T>::lanes;
+  const bool across_streams = P == 1 && B >= LANES;
+  // body(first, last) on `threads` threads over groups of at most WINDOW_STREAM_GROUP streams,
+  // each thread's share a whole number of vectors of streams.
+  auto across_groups = [&](index threads, const auto& body) {
+    parallel_for((B + LANES - 1) / LANES, threads, [&](index first_vector, index last_vector) {
+      const index last_stream = std::min(B, last_vector * LANES);
+      for (index group = first_vector * LANES; group < last_stream; group += WINDOW_STREAM_GROUP) {
         body(group, std::min(last_stream, group + WINDOW_STREAM_GROUP));
       }
-    };
+    });
   };
   // This step's cell input z = [x^, h_prev, 1] goes to window slot 0, read in full before h
   // moves; the gates' derivatives go to the other slots.
@@ -784,7 +841,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
     std::vector<T> a(rows);
     for (index b = first_stream; b < last_stream; ++b) {
       const T* z = cell_input_of(b);
-      const T* w = weight + b * block;  // independent weights (shared ones: forward_across)
+      const T* w = weight + (P == 1 ? 0 : b) * block;
       for (index r = 0; r < rows; ++r) a[r] = dot(w + r * m, z, m);
       const T* __restrict a_b = a.data();
 #pragma omp simd
@@ -808,9 +865,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       for (index i = 0; i < m; ++i) z_by_entry[i * padded + b - first_stream] = z[i];
       for (index i = 0; i < n; ++i) c_prev[i * padded + b - first_stream] = c_carry[b * n + i];
     }
-    for (index r = 0; r < rows; ++r) {
-      combine_columns(a.data() + r * padded, weight + r * m, index(1), z_by_entry.data(), m, padded);
-    }
+    // a[r, s] = W[r] . z_s: the rows of W weigh the rows of z_by_entry.
+    combine_columns(a.data(), padded, weight, m, index(1), z_by_entry.data(), m, padded, rows);
     LstmGates<T> gates[GATE_LANES];
     for (index i = 0; i < n; ++i) {
       for (index block_start = 0; block_start < w; block_start += GATE_LANES) {
@@ -831,8 +887,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       steps_in_window[b] = std::min<int64_t>(steps_in_window[b] + 1, window);
     }
   };
-  if (P == 1) {
-    parallel_for(B, threads_for(td, B * block, B), in_groups(forward_across));
+  if (across_streams) {
+    across_groups(threads_for(td, B * block, B), forward_across);
   } else {
     parallel_for(B, threads_for(td, B * block, B), forward_streams);
   }
@@ -894,7 +950,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
     std::vector<T> adjoint(window * rows), adjoint_h(n), adjoint_c(n), next_h(n), next_c(n);
     std::vector<T> gradient(m);
     std::vector<const T*> inputs(window);
-    for (index b = first_stream; b < last_stream; ++b) {  // independent weights
+    for (index b = first_stream; b < last_stream; ++b) {
       const index ages = steps_in_window[b];
       for (index q = 0; q < K; ++q) {
         for (index i = 0; i < n; ++i) {
@@ -914,7 +970,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
           // next_h = U^T adjoint_a, summed over rows in order. The first row initialises the
           // sum (no separate zero fill: a narrow store followed by a wide load of the same
           // bytes stalls the pipeline, which dominated small networks).
-          const T* __restrict recurrent = weight + b * block + d;
+          const T* __restrict recurrent = weight + (P == 1 ? 0 : b) * block + d;
           T* __restrict h_sum = next_h.data();
           for (index j = 0; j < n; ++j) h_sum[j] = adjoint_a[0] * recurrent[j];
           for (index r = 1; r < rows; ++r) {
@@ -964,9 +1020,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
           }
         }
         if (age + 1 == oldest) break;
-        for (index j = 0; j < n; ++j) {  // next_h = U^T adjoint_a
-          combine_columns(next_h.data() + j * w, recurrent + j, m, adjoint_a, rows, w);
-        }
+        // next_h[j, s] = sum_r U[r, j] adjoint_a[r, s]
+        combine_columns(next_h.data(), w, recurrent, index(1), m, adjoint_a, rows, w, n);
         const T* __restrict f = forget + (age * B + first_stream) * n;
         const T* __restrict mu = dh_dc + (age * B + first_stream) * n;
         for (index i = 0; i < n; ++i) {
@@ -987,8 +1042,8 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
       }
     }
   };
-  if (P == 1) {
-    parallel_for(B, threads_for(td, window_work, B), in_groups(backward_across));
+  if (across_streams) {
+    across_groups(threads_for(td, window_work, B), backward_across);
   } else {
     parallel_for(B, threads_for(td, window_work, B), backward_streams);
   }

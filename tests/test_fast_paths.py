@@ -434,29 +434,46 @@ def test_long_input_rows_match_eager(independent):
     assert_same_state(predictors["fused"].state_dict(), predictors["eager"].state_dict(), 1e-12)
 
 
+def window_run(streams, backend, dtype, steps=50):
+    """Predictions and final state of a shared-weight T-BPTT predictor on ``streams`` streams
+    whose windows differ in length (every 7th stream restarts every 5 steps)."""
+    learner = agentstate.make_learner(
+        "tbptt", INPUTS, streams=streams, n_features=5, truncation=4, seed=1, dtype=dtype
+    )
+    predictor = TDPredictor(learner, 1, TDConfig(backend=backend, step_size=0.01))
+    generator = torch.Generator().manual_seed(0)
+    predictions = []
+    for t in range(steps):
+        x = (torch.rand(streams, INPUTS, generator=generator) < 0.3).to(dtype)
+        c = torch.rand(streams, 1, generator=generator).to(dtype)
+        start = torch.arange(streams) % 7 == t % 7 if t % 5 == 4 else None
+        predictions.append(predictor.step(x, c, episode_start=start))
+    return torch.stack(predictions), predictor
+
+
+@needs_kernel
+def test_window_across_streams_matches_eager():
+    """Shared weights and >= 8 streams take the across-streams loops; 11 streams leave 3 that
+    fill no vector."""
+    fast, fast_predictor = window_run(11, "fused", torch.float64)
+    eager, eager_predictor = window_run(11, "eager", torch.float64)
+    assert_relatively_close(fast, eager, 1e-12, "predictions")
+    assert_same_state(fast_predictor.state_dict(), eager_predictor.state_dict(), 1e-12)
+
+
 @needs_kernel
 def test_window_streams_in_blocks_of_any_width_give_bitwise_the_same_steps(monkeypatch):
-    """T-BPTT with shared weights runs its streams in register blocks of 32, 8 and 1: a
-    stream's numbers must not depend on which block it lands in (40 streams split over 1, 2
-    and 3 threads put them in every kind), nor on the window lengths of its neighbours."""
+    """T-BPTT with shared weights runs its streams in register tiles of whole vectors and
+    single lanes: a stream's numbers must not depend on which tile it lands in (43 streams
+    split over 1, 2 and 3 threads put them in every kind), nor on its neighbours' windows."""
     monkeypatch.setattr(fused, "PARALLEL_GRAIN", 1)
-    streams, threads = 40, torch.get_num_threads()
+    threads = torch.get_num_threads()
     runs = {}
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            learner = agentstate.make_learner(
-                "tbptt", INPUTS, streams=streams, n_features=5, truncation=4, seed=1
-            )
-            predictor = TDPredictor(learner, 1, TDConfig(backend="fused", step_size=0.01))
-            generator = torch.Generator().manual_seed(0)
-            predictions = []
-            for t in range(50):
-                x = (torch.rand(streams, INPUTS, generator=generator) < 0.3).float()
-                c = torch.rand(streams, 1, generator=generator)
-                start = torch.arange(streams) % 7 == t % 7 if t % 5 == 4 else None
-                predictions.append(predictor.step(x, c, episode_start=start))
-            runs[count] = (torch.stack(predictions), float_tensors(predictor.state_dict()))
+            predictions, predictor = window_run(43, "fused", torch.float32)
+            runs[count] = (predictions, float_tensors(predictor.state_dict()))
     finally:
         torch.set_num_threads(threads)
     for count in (2, 3):
