@@ -69,15 +69,26 @@ class RunConfig:
     independent: bool = False
     """One network per stream (B independent runs) instead of one shared network."""
     seed: int = 0
-    step_size: float = 0.01
+    step_size: float = 0.001
+    """Step size of the learner (``rmsprop_td`` at 0.001: the authors' best on trace patterning)."""
     head_step_size: float | None = None
-    """Step size of the prediction head; None: step_size / number of head features."""
+    """Step size of the prediction head; None: step_size / number of features built."""
     gamma: float | None = None
     """Discount; None takes the environment's own (``env.gamma``) or 0.99."""
     lambda_: float = 0.99
     optimizer: str = "rmsprop_td"
-    msre_window: int = 10_000
-    """Steps in the sliding mean of the squared return error."""
+    normalize_inputs: bool = True
+    """Normalise the observation online (the engine does, or the learner itself if it can)."""
+    normalize_features: bool = True
+    """Normalise the agent state online before the heads (and a CCN stage) read it."""
+    normalization_rate: float = 0.99999
+    """EMA decay of every running mean and variance, the engine's and the learner's (1: off)."""
+    variance_floor: float = 0.01
+    """Lower bound of every running variance (the authors' ``std_cap``)."""
+    include_bias: bool = True
+    """The heads have a bias feature."""
+    msre_window: int = 100_000
+    """Steps in the sliding mean of the squared return error (the authors' 100k)."""
     log_every: int = 1_000
     learner_kwargs: dict[str, Any] = field(default_factory=dict)
     env_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -111,10 +122,21 @@ class RunResult:
     first_step: int = 0
     """Step this process started from: 0, or the checkpoint's step when resumed."""
 
+    @property
+    def final_ratio(self) -> float:
+        """Mean over streams of each stream's final MSRE ÷ its predict-zero MSRE."""
+        return float(np.nanmean(msre_ratio(self.final_msre, self.final_msre_zero)))
+
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
     """What a checkpoint must have been written by to be resumed under ``config``."""
     return {"run": json.loads(json.dumps(dataclasses.asdict(config)))}
+
+
+def msre_ratio(msre: np.ndarray, msre_zero: np.ndarray) -> np.ndarray:
+    """Each stream's MSRE divided by its own predict-zero MSRE (NaN where that is 0 or NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(msre_zero > 0, msre / msre_zero, np.nan)
 
 
 class _MetricLog:
@@ -182,18 +204,24 @@ class _MetricLog:
         text = io.StringIO(newline="")
         writer = csv.writer(text)
         writer.writerow(
-            ["step", "msre", "msre_se", "msre_zero"] + [f"msre_{b}" for b in range(streams)]
+            ["step", "msre", "msre_se", "msre_zero", "msre_ratio", "msre_ratio_se"]
+            + [f"msre_{b}" for b in range(streams)]
+            + [f"msre_zero_{b}" for b in range(streams)]
         )
         for step, learner, zero in self.rows:
             mean, standard_error = mean_and_standard_error(learner[None])
+            ratio, ratio_error = mean_and_standard_error(msre_ratio(learner, zero)[None])
             writer.writerow(
                 [
                     step,
                     f"{mean[0]:.8g}",
                     f"{standard_error[0]:.8g}",
                     f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}",
+                    f"{ratio[0]:.8g}",
+                    f"{ratio_error[0]:.8g}",
                 ]
                 + [f"{value:.8g}" for value in learner]
+                + [f"{value:.8g}" for value in zero]
             )
         atomic_write_bytes(path, text.getvalue().encode())
 
@@ -303,7 +331,7 @@ def run_experiment(
         independent_params=config.independent,
         dtype=dtype,
         seed=config.seed,
-        **config.learner_kwargs,
+        **learner_kwargs(config),
     )
     engine = TDPredictor(
         learner,
@@ -314,6 +342,11 @@ def run_experiment(
             step_size=config.step_size,
             head_step_size=config.head_step_size,
             optimizer=config.optimizer,
+            include_bias=config.include_bias,
+            normalize_inputs=config.normalize_inputs,
+            normalize_features=config.normalize_features,
+            normalization_decay=config.normalization_rate,
+            variance_floor=config.variance_floor,
         ),
     )
     (out / "config.json").write_text(
@@ -366,19 +399,55 @@ def run_experiment(
     env.close()
 
     log.write_csv(out / "metrics.csv")
-    steps = np.array([row[0] for row in log.rows])
-    plot_learning_curve(
-        steps,
-        {config.learner: np.stack([row[1] for row in log.rows])},
-        out / "learning_curve.png",
-        title=f"{config.env} — {config.learner}, {config.streams} streams",
-        ylabel=f"MSRE (sliding mean over {config.msre_window:,} steps)",
-        reference_lines={"predict zero": np.stack([row[2] for row in log.rows]).mean(1)},
-    )
+    _plot_run(log, config, out)
     remove_checkpoint(checkpoint_path)
     final_learner, final_zero = log.values()
     return RunResult(
         out, final_learner, final_zero, (config.steps - first_step) / elapsed, first_step
+    )
+
+
+def learner_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The learner's keyword arguments: ``learner_kwargs``, plus the run's normalisation.
+
+    A learner whose config has fields named like the run's normalisation settings
+    (``normalize_inputs``, ``normalize_features``, ``normalization_rate``, ``variance_floor``:
+    CCN does) gets the run's values unless ``learner_kwargs`` sets them: one setting governs
+    every normaliser of the run, as in the authors' code.
+    """
+    spec = get_registry().spec(config.learner)
+    fields = {field.name for field in dataclasses.fields(spec.config_class)}
+    shared = {
+        name: getattr(config, name)
+        for name in ("normalize_inputs", "normalize_features", "normalization_rate", "variance_floor")
+        if name in fields
+    }
+    return {**shared, **config.learner_kwargs}
+
+
+def _plot_run(log: _MetricLog, config: RunConfig, out: Path) -> None:
+    """``learning_curve.png``: each stream's MSRE over its own predict-zero MSRE (the paper's
+    way of comparing seeds), and ``msre_curve.png``: the MSRE itself."""
+    steps = np.array([row[0] for row in log.rows])
+    learner = np.stack([row[1] for row in log.rows])
+    zero = np.stack([row[2] for row in log.rows])
+    title = f"{config.env} — {config.learner}, {config.streams} streams"
+    window = f"sliding mean over {config.msre_window:,} steps"
+    plot_learning_curve(
+        steps,
+        {config.learner: msre_ratio(learner, zero)},
+        out / "learning_curve.png",
+        title=title,
+        ylabel=f"MSRE ÷ predict-zero MSRE, per stream ({window})",
+        reference_lines={"predict zero": 1.0},
+    )
+    plot_learning_curve(
+        steps,
+        {config.learner: learner},
+        out / "msre_curve.png",
+        title=title,
+        ylabel=f"MSRE ({window})",
+        reference_lines={"predict zero": zero.mean(1)},
     )
 
 

@@ -107,6 +107,11 @@ class ColumnStages(NamedTuple):
 
     weights: Sequence[Tensor]
     """Built stages ``s = 0..k``: ``[P, L, 4, d + sL + 2]``; the last is trained."""
+    input_mean: Sequence[Tensor]
+    """``input_mean[s]``: ``[P, d]`` statistics with which stage ``s`` normalises the raw
+    input, one per built stage; empty when the learner reads the engine's normalised input."""
+    input_variance: Sequence[Tensor]
+    """Like ``input_mean``."""
     feature_mean: Sequence[Tensor]
     """``feature_mean[s]``: ``[P, sL]`` statistics of the earlier columns' states that stage
     ``s`` reads; needed for the stages ``s >= 1`` (a columnar network passes none)."""
@@ -129,6 +134,8 @@ class ColumnStages(NamedTuple):
         """Every tensor the kernel touches, for ``FusedTDStep``'s identity check."""
         return (
             *self.weights,
+            *self.input_mean,
+            *self.input_variance,
             *self.feature_mean,
             *self.feature_variance,
             *self.carry,
@@ -347,6 +354,7 @@ class ColumnArgs(ctypes.Structure):
     _fields_ = [
         ("columns_per_stage", ctypes.c_int64),
         ("active_stage", ctypes.c_int64),
+        ("normalize_inputs", ctypes.c_int64),
         ("normalize_features", ctypes.c_int64),
         ("normalization_rate", ctypes.c_double),
         ("variance_floor", ctypes.c_double),
@@ -358,6 +366,8 @@ class ColumnArgs(ctypes.Structure):
                 "sensitivity_h",
                 "sensitivity_c",
                 "stage_weights",
+                "stage_input_means",
+                "stage_input_variances",
                 "stage_means",
                 "stage_variances",
             )
@@ -860,6 +870,7 @@ def _column_args(layout: ColumnStages) -> tuple[ColumnArgs, list[Any]]:
     args = ColumnArgs()
     args.columns_per_stage = layout.columns_per_stage
     args.active_stage = len(layout.weights) - 1
+    args.normalize_inputs = bool(layout.input_mean)
     args.normalize_features = layout.normalize_features
     args.normalization_rate = layout.normalization_rate
     args.variance_floor = layout.variance_floor
@@ -869,6 +880,8 @@ def _column_args(layout: ColumnStages) -> tuple[ColumnArgs, list[Any]]:
     arrays = []
     for name, tensors in (
         ("stage_weights", layout.weights),
+        ("stage_input_means", layout.input_mean),
+        ("stage_input_variances", layout.input_variance),
         ("stage_means", layout.feature_mean),
         ("stage_variances", layout.feature_variance),
     ):

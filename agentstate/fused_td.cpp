@@ -467,6 +467,9 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
   auto** weights = reinterpret_cast<T**>(col.stage_weights);
   auto** means = reinterpret_cast<T**>(col.stage_means);
   auto** variances = reinterpret_cast<T**>(col.stage_variances);
+  auto** input_means = reinterpret_cast<T**>(col.stage_input_means);
+  auto** input_variances = reinterpret_cast<T**>(col.stage_input_variances);
+  const auto* raw_x = static_cast<const T*>(td.x);
 
   engine.normalize_observation();
 
@@ -476,6 +479,7 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
   std::vector<T> stage_input;  // [B, d + sL]: x^ and the earlier columns' (normalised) states
   std::vector<T> stage_input_by_entry;  // the same, transposed to [d + sL, B] (shared weights)
   std::vector<T> feature_std;           // [P, sL]
+  std::vector<T> input_std;             // [P, d]: the stage's own input statistics
   std::vector<ColumnStep<T>> steps(B * L);
   for (index s = 0; s <= active; ++s) {
     const index width = d + s * L, row_size = width + 2;
@@ -484,10 +488,20 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
     if (col.normalize_features) {
       for (index e = 0; e < P * s * L; ++e) feature_std[e] = std::sqrt(variances[s][e]);
     }
+    if (col.normalize_inputs) {
+      input_std.resize(P * d);
+      for (index e = 0; e < P * d; ++e) input_std[e] = std::sqrt(input_variances[s][e]);
+    }
     for (index b = 0; b < B; ++b) {
       const index p = P == 1 ? 0 : b;
       T* input = stage_input.data() + b * width;
-      std::copy_n(engine.observation.data() + b * d, d, input);
+      if (col.normalize_inputs) {
+        for (index i = 0; i < d; ++i) {
+          input[i] = (raw_x[b * d + i] - input_means[s][p * d + i]) / input_std[p * d + i];
+        }
+      } else {
+        std::copy_n(engine.observation.data() + b * d, d, input);
+      }
       for (index e = 0; e < s * L; ++e) {
         const T h_prev = h_carry[b * n + e];
         input[d + e] = col.normalize_features
@@ -580,7 +594,11 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
     };
     parallel_for(L, threads_for(td, B * L * N_GATES * row_size, L), forward_columns);
   }
-  // The active stage's feature statistics move after its step read them (plugins/ccn.py).
+  // The active stage's statistics move after its step read them (plugins/ccn.py).
+  if (col.normalize_inputs) {
+    update_statistics(raw_x, d, B, P, d, col.normalization_rate, col.variance_floor,
+                      input_means[active], input_variances[active]);
+  }
   if (col.normalize_features && active > 0) {
     update_statistics(h_carry, n, B, P, active * L, col.normalization_rate, col.variance_floor,
                       means[active], variances[active]);

@@ -96,6 +96,22 @@ class StateLearner(abc.ABC):
     def n_features(self) -> int:
         """Size of the agent state ``h``."""
 
+    @property
+    def n_built_features(self) -> int:
+        """Entries of ``h`` that exist yet: the first ``n_built_features`` (the rest are 0).
+
+        All of them, except for a constructive learner whose later columns are not built yet.
+        """
+        return self.n_features
+
+    @property
+    def normalizes_inputs(self) -> bool:
+        """Whether ``step`` normalises its raw input itself.
+
+        A TD engine then hands it the observation as it is instead of normalising it upstream.
+        """
+        return False
+
     # ------------------------------------------------------------------ the cell
     @abc.abstractmethod
     def initial_carry(self) -> Carry:

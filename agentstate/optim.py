@@ -84,6 +84,24 @@ def optimizer_state(
     return None, None, None
 
 
+def restart_entries(optimizer: torch.optim.Optimizer, param: Tensor, index: slice) -> None:
+    """Give ``param[..., index]`` the optimiser state of entries that never had a gradient.
+
+    A constructive learner's heads of features that are not built yet get no gradient, yet
+    ``rmsprop_td``'s second moment decays on them (to ~0 over a long stage); restarting them
+    when their feature is built keeps their first update at the step size (the authors keep
+    it at 1 until then).
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    if isinstance(optimizer, TDRMSProp):
+        state["second_moment"][..., index] = 1.0
+    elif isinstance(optimizer, torch.optim.Adam):
+        state["exp_avg"][..., index] = 0.0
+        state["exp_avg_sq"][..., index] = 0.0
+
+
 def make_optimizer(name: str, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """Build ``sgd``, ``rmsprop_td`` or ``adam`` over ``param_groups`` (each with its ``lr``)."""
     if name == "sgd":

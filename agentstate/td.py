@@ -33,7 +33,7 @@ from torch import Tensor
 from agentstate import fused
 from agentstate.learner import StateLearner, zero_streams_
 from agentstate.normalization import OnlineNormalizer
-from agentstate.optim import OPTIMIZERS, make_optimizer
+from agentstate.optim import OPTIMIZERS, make_optimizer, restart_entries
 
 BACKENDS = ("auto", "eager", "fused")
 
@@ -46,10 +46,11 @@ class TDConfig:
     """Discount of the predicted return (overridable per step and stream)."""
     lambda_: float = 0.99
     """Trace decay."""
-    step_size: float = 0.01
-    """Step size of the learner's parameters."""
+    step_size: float = 0.001
+    """Step size of the learner's parameters (the authors' best on trace patterning)."""
     head_step_size: float | None = None
-    """Step size of the linear heads; None: step_size / number of head features (authors)."""
+    """Step size of the linear heads; None: step_size / number of normalised head features
+    built so far (agent state, plus the observation if the heads see it), as the authors'."""
     optimizer: str = "rmsprop_td"
     """``sgd``, ``rmsprop_td`` (the authors' normaliser) or ``adam``."""
     include_observation: bool = False
@@ -120,6 +121,7 @@ class TDPredictor:
         )
         self.input_normalizer = self._normalizer(learner.input_size, config.normalize_inputs)
         self.feature_normalizer = self._normalizer(learner.n_features, config.normalize_features)
+        self._built_features = learner.n_built_features
         self.head_weight = torch.zeros(
             param_streams, n_cumulants, self.n_head_features, dtype=dtype, device=device
         )
@@ -178,10 +180,11 @@ class TDPredictor:
 
     @property
     def head_step_size(self) -> float:
-        """Step size of the heads (default: step_size / number of head features)."""
+        """Step size of the heads (default: step_size / normalised head features built)."""
         if self.config.head_step_size is not None:
             return self.config.head_step_size
-        return self.config.step_size / self.n_head_features
+        observed = self.learner.input_size if self.config.include_observation else 0
+        return self.config.step_size / (self.learner.n_built_features + observed)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """(Re)bind traces and optimiser to the learner's current ``params``.
@@ -210,7 +213,23 @@ class TDPredictor:
         previous = getattr(self, "optimizer", None)
         if previous is not None and self.head_weight in previous.state:
             optimizer.state[self.head_weight] = previous.state[self.head_weight]
+        self._start_built_features(optimizer)
         return optimizer
+
+    def _start_built_features(self, optimizer: torch.optim.Optimizer) -> None:
+        """Features a constructive learner has just built start as if new to the heads.
+
+        Until built they were 0: their normaliser variance decayed to the floor and their
+        heads' optimiser state decayed with no gradient. Both restart (mean 0, variance 1,
+        fresh optimiser state), as in the authors' code, where neither moves before then.
+        """
+        built = self.learner.n_built_features
+        if built > self._built_features:
+            new = slice(self._built_features, built)
+            restart_entries(optimizer, self.head_weight, new)
+            self.feature_normalizer.mean[:, new] = 0.0
+            self.feature_normalizer.variance[:, new] = 1.0
+        self._built_features = built
 
     def follow_learner_parameters(self) -> None:
         """Rebind traces and optimiser to the learner's parameters if it has replaced them.
@@ -276,7 +295,7 @@ class TDPredictor:
         learner = self.learner
         normalized_observation = self.input_normalizer.normalize(observation)
         self.input_normalizer.update(observation)
-        state = learner.step(normalized_observation)
+        state = learner.step(observation if learner.normalizes_inputs else normalized_observation)
         self._eager_state = state
         self.follow_learner_parameters()  # e.g. a constructive learner's next stage
         feature_std = self.feature_normalizer.std

@@ -14,15 +14,22 @@ earlier stages are frozen (weights and normalisation statistics), and the column
 stages are not built yet: their state and carry are exactly 0 until their stage starts, so the
 agent state always has ``T`` entries.
 
-Normalisation of the recurrent features (``normalize_features``; the raw input ``x`` is
-expected normalised upstream, by the TD engine): ``n_k(h) = (h - mu_k) / sqrt(var_k)``, one
-running estimate per stage (every column of a stage sees the same features over the same steps,
-so the authors' per-column statistics coincide). After each step of stage ``k``, with rate
-``r``, floor ``var_min`` and the features ``h_<k,t-1`` that step read (averaged over the streams
-when the parameters are shared)::
+Normalisation, as in the authors' code, where every column normalises what it reads: stage
+``k`` normalises the raw input (``normalize_inputs``) and the earlier columns' states
+(``normalize_features``) with running statistics of its own, ``n_k(u) = (u - mu_k) /
+sqrt(var_k)`` (every column of a stage reads the same values over the same steps, so the
+authors' per-column statistics coincide). After each step of the active stage ``k``, with rate
+``r``, floor ``var_min`` and the values ``u`` that step read (``x_t`` and ``h_<k,t-1``,
+averaged over the streams when the parameters are shared)::
 
-    mu_k  <- r mu_k + (1 - r) h_<k,t-1
-    var_k <- max(r var_k + (1 - r) (h_<k,t-1 - mu_k)^2, var_min)     (mu_k = 0, var_k = 1 at first)
+    mu_k  <- r mu_k + (1 - r) u
+    var_k <- max(r var_k + (1 - r) (u - mu_k)^2, var_min)
+
+A stage's statistics freeze with its weights. A new stage starts from the live statistics of
+the stage before it (the authors' not-yet-active columns track them from the start); its
+statistics of the columns that stage built start at ``mu = 0, var = 1``. With
+``normalize_inputs`` the learner expects the raw observation: a TD engine hands it over
+unnormalised (``normalizes_inputs``).
 
 Exactness. The frozen columns and the statistics never depend on the active weights, and the
 active columns do not read each other, so each active column is an independent scalar-state
@@ -38,6 +45,10 @@ stage starts (its columns did not exist before), so ``grad`` is the exact gradie
 stage began: its frozen columns' trajectories, whatever weights the earlier stages had while
 they were trained.
 
+Heads. A TD engine divides its heads' step size by the number of columns built so far
+(``n_built_features``: ``alpha / 4, alpha / 8, ...`` for 20:4) and starts the heads and
+feature statistics of newly built columns afresh, as the authors' code does.
+
 Schedule. ``step`` counts its calls in the active stage; the step after the ``S``-th runs in the
 next stage (``advance_stage()`` moves on at once). The last stage stays active forever. On a
 stage change the active weights are copied into the frozen store (a later in-place update of
@@ -45,11 +56,11 @@ the old ``params`` tensor cannot reach them) and ``params`` becomes a new dict h
 stage's tensor: consumers detect the change by tensor identity.
 
 Differences from the authors' C++ (``lstm_incremental_networks.cpp``, ``lstm.cpp``): there,
-not-yet-active columns run from the start (with head weight 0), each column also normalises the
-raw input, and the sensitivity update re-reads the earlier columns' states after they advanced
-(``h_t`` where the forward pass used ``h_t-1``). Here they are 0 until built, ``x`` is
-normalised upstream, and the sensitivities use the forward pass's own ``z``, which is what makes
-them exact.
+not-yet-active columns run from the start (with head weight 0), statistics are updated before
+the value they normalise, and the sensitivity update re-reads the earlier columns' states after
+they advanced (``h_t`` where the forward pass used ``h_t-1``). Here they are 0 until built,
+statistics move after the step that read them, and the sensitivities use the forward pass's
+own ``z``, which is what makes them exact.
 """
 
 from __future__ import annotations
@@ -78,6 +89,8 @@ CCN_PRESETS: dict[str, dict[str, int]] = {
 
 _STAGE_GROUPS = {
     "weights": "stage_weights",
+    "input_mean": "input_mean",
+    "input_variance": "input_variance",
     "feature_mean": "feature_mean",
     "feature_variance": "feature_variance",
 }
@@ -100,10 +113,12 @@ class CCNConfig:
     """Calls to ``step`` ``S`` before the next stage starts."""
     init_scale: float = 0.01
     """Every weight starts uniform in [-init_scale, init_scale] (the authors' C++)."""
+    normalize_inputs: bool = True
+    """Each stage normalises the raw input with its own statistics, frozen with the stage."""
     normalize_features: bool = True
     """Normalise the earlier columns' states that a stage reads (running mean and variance)."""
     normalization_rate: float = 0.99999
-    """EMA decay ``r`` of the feature statistics (the authors' C++)."""
+    """EMA decay ``r`` of the input and feature statistics (the authors' C++; 1: frozen)."""
     variance_floor: float = 0.01
     """Lower bound of the running feature variance (``std_cap`` in the authors' C++)."""
 
@@ -123,8 +138,9 @@ class CCNConfig:
             )
         if not self.init_scale >= 0:
             raise ValueError(f"init_scale must be >= 0, got {self.init_scale!r}")
-        if not isinstance(self.normalize_features, bool):
-            raise ValueError(f"normalize_features must be a bool, got {self.normalize_features!r}")
+        for name in ("normalize_inputs", "normalize_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0 <= self.normalization_rate <= 1:
             raise ValueError(
                 f"normalization_rate must be in [0, 1], got {self.normalization_rate!r}"
@@ -145,7 +161,8 @@ class CCNLearner(StateLearner):
     axis: input weights, weights on the ``kL`` earlier columns' normalised states, self-recurrent
     weight, bias; gates ``i, f, g, o``). ``stage_weights[s]`` holds stage ``s``'s weights (the
     frozen ones for ``s < k``, the initial ones for ``s > k``; ``stage_weights[k]`` is
-    ``params["weight"]``). ``feature_mean[s]``, ``feature_variance[s]``: ``[1 or B, sL]``.
+    ``params["weight"]``). ``input_mean[s]``, ``input_variance[s]``: ``[1 or B, d]``;
+    ``feature_mean[s]``, ``feature_variance[s]``: ``[1 or B, sL]``.
     Credit-assignment memory: ``sensitivity_h``, ``sensitivity_c``, both shaped like the
     active weights with ``B`` leading.
 
@@ -171,6 +188,10 @@ class CCNLearner(StateLearner):
             self._initial_weight(input_size + stage * columns + 2)
             for stage in range(config.n_stages)
         ]
+        self.input_mean = [
+            self._zeros((self.param_streams, input_size)) for _ in range(config.n_stages)
+        ]
+        self.input_variance = [torch.ones_like(mean) for mean in self.input_mean]
         self.feature_mean = [
             self._zeros((self.param_streams, stage * columns)) for stage in range(config.n_stages)
         ]
@@ -209,6 +230,16 @@ class CCNLearner(StateLearner):
         return int(self.config.n_stages)
 
     @property
+    def n_built_features(self) -> int:
+        """Columns built so far: those of the stages up to the active one."""
+        return (self._active_stage + 1) * self.config.columns_per_stage
+
+    @property
+    def normalizes_inputs(self) -> bool:
+        """Whether each stage normalises the raw input itself (``normalize_inputs``)."""
+        return bool(self.config.normalize_inputs)
+
+    @property
     def active_stage(self) -> int:
         """Index of the stage whose columns learn now."""
         return self._active_stage
@@ -226,8 +257,16 @@ class CCNLearner(StateLearner):
         """
         if self._active_stage == self.n_stages - 1:
             return False
-        self.stage_weights[self._active_stage] = self.params["weight"].detach().clone()
-        self._enter_stage(self._active_stage + 1)
+        frozen = self._active_stage
+        self.stage_weights[frozen] = self.params["weight"].detach().clone()
+        # The new stage's statistics carry on from the live ones (the frozen stage keeps its
+        # own); those of the columns just frozen start at mean 0, variance 1.
+        self.input_mean[frozen + 1].copy_(self.input_mean[frozen])
+        self.input_variance[frozen + 1].copy_(self.input_variance[frozen])
+        earlier = frozen * self.config.columns_per_stage
+        self.feature_mean[frozen + 1][:, :earlier] = self.feature_mean[frozen]
+        self.feature_variance[frozen + 1][:, :earlier] = self.feature_variance[frozen]
+        self._enter_stage(frozen + 1)
         self.steps_in_stage = 0
         return True
 
@@ -238,7 +277,9 @@ class CCNLearner(StateLearner):
         return (self._zeros(shape), self._zeros(shape))
 
     def _stage_input(self, stage: int, x: Tensor, h_prev: Tensor) -> Tensor:
-        """``[x, n_k(h_<k)]: [B, d + kL]``, the part of ``z`` shared by stage ``k``'s columns."""
+        """``n_k([x, h_<k]): [B, d + kL]``, the part of ``z`` shared by stage ``k``'s columns."""
+        if self.config.normalize_inputs:
+            x = (x - self.input_mean[stage]) / torch.sqrt(self.input_variance[stage])
         earlier_features = h_prev[:, : stage * self.config.columns_per_stage]
         if self.config.normalize_features:
             earlier_features = (earlier_features - self.feature_mean[stage]) / torch.sqrt(
@@ -319,18 +360,22 @@ class CCNLearner(StateLearner):
             self.sensitivity_h,
             self.sensitivity_c,
         )
-        if self.config.normalize_features and self._active_stage > 0:
-            self._update_feature_statistics(h_prev[:, : active.start])
+        stage = self._active_stage
+        if self.config.normalize_inputs:
+            self._update_statistics(self.input_mean[stage], self.input_variance[stage], x)
+        if self.config.normalize_features and stage > 0:
+            self._update_statistics(
+                self.feature_mean[stage], self.feature_variance[stage], h_prev[:, : active.start]
+            )
         self.carry = (h, c)
         self.steps_in_stage += 1
         return h
 
-    def _update_feature_statistics(self, earlier_features: Tensor) -> None:
-        """EMA of the active stage's feature mean and variance (module docstring), in place."""
-        stage, rate = self._active_stage, self.config.normalization_rate
-        mean, variance = self.feature_mean[stage], self.feature_variance[stage]
-        mean.mul_(rate).add_((1 - rate) * self._over_streams(earlier_features))
-        squared_deviation = self._over_streams((earlier_features - mean) ** 2)
+    def _update_statistics(self, mean: Tensor, variance: Tensor, values: Tensor) -> None:
+        """Fold ``values: [B, size]`` into a running mean and variance (module docstring)."""
+        rate = self.config.normalization_rate
+        mean.mul_(rate).add_((1 - rate) * self._over_streams(values))
+        squared_deviation = self._over_streams((values - mean) ** 2)
         variance.mul_(rate).add_((1 - rate) * squared_deviation)
         variance.clamp_(min=self.config.variance_floor)
 
@@ -359,6 +404,8 @@ class CCNLearner(StateLearner):
         built = self._active_stage + 1
         return ColumnStages(
             weights=(*self.stage_weights[: built - 1], self.params["weight"]),
+            input_mean=self.input_mean[:built] if self.config.normalize_inputs else (),
+            input_variance=self.input_variance[:built] if self.config.normalize_inputs else (),
             feature_mean=self.feature_mean[:built],
             feature_variance=self.feature_variance[:built],
             carry=self.carry,
@@ -382,6 +429,8 @@ class CCNLearner(StateLearner):
             "active_stage": self._active_stage,
             "steps_in_stage": self.steps_in_stage,
             "weights": [weight.detach().clone() for weight in self.stage_weights],
+            "input_mean": [mean.clone() for mean in self.input_mean],
+            "input_variance": [variance.clone() for variance in self.input_variance],
             "feature_mean": [mean.clone() for mean in self.feature_mean],
             "feature_variance": [variance.clone() for variance in self.feature_variance],
         }

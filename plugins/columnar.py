@@ -225,6 +225,8 @@ class ColumnarLearner(StateLearner):
         """The tensors the fused TD step advances in place: one stage whose columns all learn."""
         return ColumnStages(
             weights=(self.params["weight"],),
+            input_mean=(),
+            input_variance=(),
             feature_mean=(),
             feature_variance=(),
             carry=self.carry,

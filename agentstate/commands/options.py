@@ -68,7 +68,7 @@ def add_experiment_options(
         "--head-lr",
         type=float,
         default=defaults.head_step_size,
-        help="step size of the prediction head (default: --lr / number of head features)",
+        help="step size of the prediction head (default: --lr / number of features built)",
     )
     parser.add_argument("--gamma", type=float, default=defaults.gamma, help=gamma_help)
     parser.add_argument(
@@ -88,6 +88,55 @@ def add_experiment_options(
         metavar="KEY=VALUE",
         help=learner_kwarg_help,
     )
+
+
+def add_normalization_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """Add the online normalisation and head options, read back by :func:`normalization_kwargs`.
+
+    They govern every normaliser of a run: the TD engine's and, where its config has the same
+    settings (CCN), the learner's own.
+    """
+    parser.add_argument(
+        "--normalize-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.normalize_inputs,
+        help="normalise the observation online",
+    )
+    parser.add_argument(
+        "--normalize-features",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.normalize_features,
+        help="normalise the agent state online before the heads (and a CCN stage) read it",
+    )
+    parser.add_argument(
+        "--normalization-rate",
+        type=float,
+        default=defaults.normalization_rate,
+        help="EMA decay of the running means and variances (1: no normalisation)",
+    )
+    parser.add_argument(
+        "--variance-floor",
+        type=float,
+        default=defaults.variance_floor,
+        help="lower bound of the running variances",
+    )
+    parser.add_argument(
+        "--head-bias",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.include_bias,
+        help="give the heads a bias feature",
+    )
+
+
+def normalization_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields set by :func:`add_normalization_options`, from parsed ``args``."""
+    return {
+        "normalize_inputs": args.normalize_inputs,
+        "normalize_features": args.normalize_features,
+        "normalization_rate": args.normalization_rate,
+        "variance_floor": args.variance_floor,
+        "include_bias": args.head_bias,
+    }
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,10 @@ from typing import Any
 
 from agentstate.commands.options import (
     add_experiment_options,
+    add_normalization_options,
     add_output_options,
     experiment_config_kwargs,
+    normalization_kwargs,
     parse_key_values,
 )
 from agentstate.experiment import ENV_ALIASES, RunConfig, run_experiment
@@ -36,6 +38,7 @@ def add_parser(verbs: Any) -> None:
         msre_window_help=None,
         learner_kwarg_help="learner keyword argument, e.g. n_features=7 (repeatable)",
     )
+    add_normalization_options(run, DEFAULTS)
     run.add_argument(
         "--independent",
         action="store_true",
@@ -71,6 +74,7 @@ def handle(args: argparse.Namespace) -> int:
         env=args.env,
         independent=args.independent,
         env_kwargs=parse_key_values(args.env_kwarg, "--env-kwarg"),
+        **normalization_kwargs(args),
         **experiment_config_kwargs(args),
     )
     result = run_experiment(
@@ -83,8 +87,9 @@ def handle(args: argparse.Namespace) -> int:
     resumed = f"resumed at step {result.first_step:,}; " if result.first_step else ""
     print(
         f"final MSRE {result.final_msre.mean():.5g} (predict zero "
-        f"{result.final_msre_zero.mean():.5g}) over {config.streams} streams, "
+        f"{result.final_msre_zero.mean():.5g}; per stream {result.final_ratio:.3f}x "
+        f"predict zero) over {config.streams} streams, "
         f"{result.steps_per_second:,.0f} steps/s; {resumed}wrote {result.out_dir}/metrics.csv, "
-        "config.json, learning_curve.png"
+        "config.json, learning_curve.png, msre_curve.png"
     )
     return 0

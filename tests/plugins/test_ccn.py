@@ -46,12 +46,18 @@ class History:
     """What the learner used at each step ``t`` (recorded just before the step)."""
 
     carry: list = field(default_factory=list)
+    input_mean: list = field(default_factory=list)
+    input_variance: list = field(default_factory=list)
     feature_mean: list = field(default_factory=list)
     feature_variance: list = field(default_factory=list)
     stage: list = field(default_factory=list)
 
     def step(self, learner, x):
+        if learner.steps_in_stage >= learner.config.steps_per_stage:
+            learner.advance_stage()  # as step would: record the new stage's statistics
         self.carry.append(tuple(part.clone() for part in learner.carry))
+        self.input_mean.append([mean.clone() for mean in learner.input_mean])
+        self.input_variance.append([var.clone() for var in learner.input_variance])
         self.feature_mean.append([mean.clone() for mean in learner.feature_mean])
         self.feature_variance.append([var.clone() for var in learner.feature_variance])
         h = learner.step(x)
@@ -80,6 +86,8 @@ class AsItRan:
         return tuple(part.clone() for part in self.history.carry[self.first_step])
 
     def functional_step(self, params, carry, x):
+        self.learner.input_mean = self.history.input_mean[self.t]
+        self.learner.input_variance = self.history.input_variance[self.t]
         self.learner.feature_mean = self.history.feature_mean[self.t]
         self.learner.feature_variance = self.history.feature_variance[self.t]
         (h, c), _ = self.learner.functional_step(params, carry, x)
@@ -245,6 +253,7 @@ def test_one_stage_ccn_is_the_columnar_network():
         dtype=torch.float64,
         seed=2,
         init_scale=0.8,
+        normalize_inputs=False,  # the columnar learner reads its input as given
         **CCN_PRESETS["columnar-7"],
     )
     assert torch.equal(columnar.params["weight"], ccn.params["weight"])
