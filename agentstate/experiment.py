@@ -407,6 +407,15 @@ def run_experiment(
     )
 
 
+SHARED_NORMALIZATION = (
+    "normalize_inputs",
+    "normalize_features",
+    "normalization_rate",
+    "variance_floor",
+)
+"""Run settings a learner's config takes over where it has a field of the same name."""
+
+
 def learner_kwargs(config: RunConfig) -> dict[str, Any]:
     """The learner's keyword arguments: ``learner_kwargs``, plus the run's normalisation.
 
@@ -417,17 +426,16 @@ def learner_kwargs(config: RunConfig) -> dict[str, Any]:
     """
     spec = get_registry().spec(config.learner)
     fields = {field.name for field in dataclasses.fields(spec.config_class)}
-    shared = {
-        name: getattr(config, name)
-        for name in ("normalize_inputs", "normalize_features", "normalization_rate", "variance_floor")
-        if name in fields
-    }
+    shared = {name: getattr(config, name) for name in SHARED_NORMALIZATION if name in fields}
     return {**shared, **config.learner_kwargs}
 
 
 def _plot_run(log: _MetricLog, config: RunConfig, out: Path) -> None:
-    """``learning_curve.png``: each stream's MSRE over its own predict-zero MSRE (the paper's
-    way of comparing seeds), and ``msre_curve.png``: the MSRE itself."""
+    """Plot the run.
+
+    ``learning_curve.png``: each stream's MSRE over its own predict-zero MSRE (the paper's
+    way of comparing seeds); ``msre_curve.png``: the MSRE itself.
+    """
     steps = np.array([row[0] for row in log.rows])
     learner = np.stack([row[1] for row in log.rows])
     zero = np.stack([row[2] for row in log.rows])
