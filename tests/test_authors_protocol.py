@@ -183,7 +183,8 @@ def test_normalisation_and_head_options_reach_the_engine_and_the_learner(tmp_pat
 
 def test_run_defaults_are_the_authors_protocol(tmp_path):
     out = tmp_path / "run"
-    assert main(["run", "trace-patterning", "--steps", "20", "--out", str(out), "--no-progress"]) == 0
+    argv = ["run", "trace-patterning", "--steps", "20", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
     td = config_of(out)["td"]
     assert (td["optimizer"], td["step_size"], td["lambda_"]) == ("rmsprop_td", 0.001, 0.99)
     assert config_of(out)["run"]["msre_window"] == 100_000
