@@ -13,7 +13,7 @@ type:
 	mypy agentstate
 
 main:
-	agentstate run trace-patterning --learner columnar --streams 8 --independent --steps 200000 --optimizer adam --lr 0.003 --head-lr 0.003 --out runs/trace-patterning
+	agentstate run trace-patterning --learner columnar --streams 8 --independent --steps 1000000 --out runs/trace-patterning
 
 bench:
 	agentstate bench --json benchmarks/bench.json

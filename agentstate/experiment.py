@@ -446,7 +446,7 @@ def _plot_run(log: _MetricLog, config: RunConfig, out: Path) -> None:
         {config.learner: msre_ratio(learner, zero)},
         out / "learning_curve.png",
         title=title,
-        ylabel=f"MSRE ÷ predict-zero MSRE, per stream ({window})",
+        ylabel=f"MSRE ÷ predict-zero MSRE, per stream (last {config.msre_window:,} steps)",
         reference_lines={"predict zero": 1.0},
     )
     plot_learning_curve(

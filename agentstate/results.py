@@ -1,18 +1,30 @@
 """One table from many runs: mean ± standard error over seeds, per grid point.
 
 A *seed* is one independently trained network: each stream of a run with independent
-parameters, or a whole run whose streams share one network (its ``msre`` column). Runs whose
-configs differ only in ``seed`` are one grid point, and their seeds are pooled.
+parameters, or a whole run whose streams share one network (its ``msre`` and ``msre_zero``
+columns). Runs whose configs differ only in ``seed`` are one grid point, and their seeds are
+pooled.
 
-Per seed, from its logged sliding-MSRE curve:
+Per seed, from its logged sliding-MSRE curve and that of predicting zero on the same stream:
 
+* final ratio: the last logged MSRE divided by the last logged predict-zero MSRE of the same
+  seed, a paired ratio that takes out how hard that seed's stream is (1 is no better than
+  predicting zero);
 * final MSRE: the last logged value;
 * AUC MSRE: the mean of the logged values, i.e. the area under the learning curve divided by
   its length (log points are equally spaced; NaN points, before a first score, are left out).
 
 Within each *family* of grid points that differ only in their step sizes (``step_size``,
-``head_step_size``), the point with the lowest mean AUC MSRE is the best step size: ``best``
-in the table, a bold line and legend entry in the plot (families of one point have no best).
+``head_step_size``), the point with the lowest mean final ratio is the best step size:
+``best`` in the table, a bold line and legend entry in the plot (families of one point have
+no best). The authors choose step sizes by the final MSRE, the sliding mean over the last
+100k steps (our ``msre_window``); the final ratio is that MSRE with each seed's difficulty
+divided out, so seeds with loud returns do not decide the choice alone.
+
+A run is *finished* once it has written its ``metrics.csv`` (a sweep then adds ``done.json``).
+A run folder with a ``config.json`` but no ``metrics.csv`` yet is *unfinished*: it counts by the
+step of its latest ``checkpoint.pt`` (0 before the first). A grid point none of whose runs has
+finished is still listed, with NaN figures and its progress (``step N of M``).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +42,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from agentstate.checkpoint import atomic_write_bytes
+from agentstate.checkpoint import atomic_write_bytes, saved_step
+from agentstate.experiment import CHECKPOINT_NAME, msre_ratio
 from agentstate.metrics import mean_and_standard_error
 from agentstate.plotting import format_step_count
 
@@ -46,101 +59,189 @@ class PointResult:
     settings: dict[str, Any]
     """Learner and the settings that tell the points apart (``learner_kwargs.n`` for kwargs)."""
     run_dirs: list[Path]
+    """Finished runs, whose seeds are pooled here."""
     steps: np.ndarray
-    """Logged steps, ``[N]``."""
+    """Logged steps, ``[N]`` (``N = 0`` while no run of the point has finished)."""
     curves: np.ndarray
     """Sliding MSRE of every seed, ``[N, seeds]``."""
+    ratio_curves: np.ndarray
+    """Sliding MSRE of every seed ÷ its own predict-zero sliding MSRE, ``[N, seeds]``."""
+    final_ratio: float
+    final_ratio_se: float
     final_msre: float
     final_msre_se: float
     auc_msre: float
     auc_msre_se: float
+    steps_per_run: int
+    """Steps each run of the point takes (``run.steps`` of its config)."""
+    unfinished: dict[Path, int] = field(default_factory=dict)
+    """Runs without ``metrics.csv`` yet -> step of their latest checkpoint (0 before one)."""
     best: bool = False
-    """Lowest mean AUC MSRE among the points that differ from it only in step sizes."""
+    """Lowest mean final ratio among the points that differ from it only in step sizes."""
 
     @property
     def label(self) -> str:
         """``key=value`` of the settings, comma separated."""
         return ",".join(f"{key}={value}" for key, value in self.settings.items())
 
+    @property
+    def seeds(self) -> int:
+        """Seeds pooled in the figures (those of finished runs)."""
+        return int(self.curves.shape[1])
+
+    @property
+    def progress(self) -> str:
+        """``done``, or ``step N of M`` of the least advanced unfinished run.
+
+        A point with finished runs besides says how many first: ``1 of 3 runs done, step N of
+        M``.
+        """
+        if not self.unfinished:
+            return "done"
+        slowest = f"step {min(self.unfinished.values()):,} of {self.steps_per_run:,}"
+        if not self.run_dirs:
+            return slowest
+        runs = len(self.run_dirs) + len(self.unfinished)
+        return f"{len(self.run_dirs)} of {runs} runs done, {slowest}"
+
+
+@dataclass
+class _PointRuns:
+    """The runs of one grid point, as they are found."""
+
+    config: dict[str, Any]
+    """The run config without ``seed``."""
+    run_dirs: list[Path] = field(default_factory=list)
+    steps: np.ndarray | None = None
+    msre: list[np.ndarray] = field(default_factory=list)
+    """Per finished run, ``[N, its seeds]``."""
+    msre_zero: list[np.ndarray] = field(default_factory=list)
+    """Per finished run, ``[N, its seeds]``."""
+    unfinished: dict[Path, int] = field(default_factory=dict)
+
 
 def aggregate(root: str | os.PathLike[str]) -> list[PointResult]:
-    """Every finished run under ``root`` (a ``metrics.csv`` next to a ``config.json``), pooled.
+    """Every run under ``root`` (a folder with a run's ``config.json``), pooled per grid point.
+
+    Finished runs (with ``metrics.csv``) give the figures; unfinished ones are listed by their
+    checkpoint's step (module docstring). A ``config.json`` without a ``run`` table is not a
+    run's and is passed over.
 
     Raises:
-        FileNotFoundError: if ``root`` holds no finished run.
-        ValueError: if two runs of one grid point logged different steps.
+        FileNotFoundError: if ``root`` holds no run.
+        ValueError: if two finished runs of one grid point logged different steps.
     """
-    points: dict[str, tuple[dict[str, Any], list[Path], np.ndarray, list[np.ndarray]]] = {}
-    for metrics_path in sorted(Path(root).rglob("metrics.csv")):
-        config_path = metrics_path.with_name("config.json")
-        if not config_path.exists():
+    points: dict[str, _PointRuns] = {}
+    for config_path in sorted(Path(root).rglob("config.json")):
+        run_config = json.loads(config_path.read_text()).get("run")
+        if not isinstance(run_config, dict):
             continue
-        run_config = json.loads(config_path.read_text())["run"]
-        steps, seed_curves = read_seed_curves(metrics_path, run_config["independent"])
         point_config = {key: value for key, value in run_config.items() if key != "seed"}
-        key = json.dumps(point_config, sort_keys=True)
-        if key not in points:
-            points[key] = (point_config, [], steps, [])
-        _, run_dirs, point_steps, curves = points[key]
-        if not np.array_equal(steps, point_steps):
-            raise ValueError(
-                f"{metrics_path.parent} and {run_dirs[0]} are one grid point but logged "
-                "different steps"
-            )
-        run_dirs.append(metrics_path.parent)
-        curves.append(seed_curves)
-    if not points:
-        raise FileNotFoundError(f"no finished run (metrics.csv with config.json) under {root}")
-    settings = _distinguishing_settings([config for config, *_ in points.values()])
-    results = [
-        _summarise(point_settings, run_dirs, steps, np.concatenate(curves, axis=1))
-        for point_settings, (_, run_dirs, steps, curves) in zip(
-            settings, points.values(), strict=True
+        point = points.setdefault(
+            json.dumps(point_config, sort_keys=True), _PointRuns(point_config)
         )
+        run_dir = config_path.parent
+        metrics_path = run_dir / "metrics.csv"
+        if not metrics_path.exists():
+            point.unfinished[run_dir] = saved_step(run_dir / CHECKPOINT_NAME) or 0
+            continue
+        steps, msre, msre_zero = read_seed_curves(metrics_path, run_config["independent"])
+        if point.steps is None:
+            point.steps = steps
+        elif not np.array_equal(steps, point.steps):
+            raise ValueError(
+                f"{run_dir} and {point.run_dirs[0]} are one grid point but logged different steps"
+            )
+        point.run_dirs.append(run_dir)
+        point.msre.append(msre)
+        point.msre_zero.append(msre_zero)
+    if not points:
+        raise FileNotFoundError(f"no run (a config.json with a run table) under {root}")
+    settings = _distinguishing_settings([point.config for point in points.values()])
+    results = [
+        _summarise(point_settings, point)
+        for point_settings, point in zip(settings, points.values(), strict=True)
     ]
     results.sort(key=lambda point: [_sort_key(value) for value in point.settings.values()])
     _mark_best_step_sizes(results)
     return results
 
 
-def read_seed_curves(metrics_path: Path, independent: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Logged steps ``[N]`` and one sliding-MSRE curve per seed ``[N, seeds]`` of a run.
+def read_seed_curves(
+    metrics_path: Path, independent: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logged steps ``[N]``, and per seed the sliding MSRE and predict-zero MSRE of a run.
+
+    A ``metrics.csv`` from before the per-stream predict-zero columns (``msre_zero_<b>``)
+    gives every stream the mean over streams, ``msre_zero``.
 
     Args:
         metrics_path: a run's ``metrics.csv``.
         independent: the run had one network per stream (each stream is a seed); else its
-            streams share one network, whose ``msre`` column is the run's one seed.
+            streams share one network, whose ``msre`` and ``msre_zero`` columns are the run's
+            one seed.
+
+    Returns:
+        ``(steps, msre, msre_zero)``: ``[N]``, ``[N, seeds]`` and ``[N, seeds]``.
     """
     with metrics_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = np.array([int(row["step"]) for row in rows])
-    columns = [name for name in rows[0] if name.startswith("msre_") and name[5:].isdigit()]
-    columns = columns if independent else ["msre"]
-    curves = np.array([[float(row[name]) for name in columns] for row in rows]).reshape(
-        len(rows), len(columns)
+    if independent:
+        streams = [name[5:] for name in rows[0] if name.startswith("msre_") and name[5:].isdigit()]
+        msre_columns = [f"msre_{b}" for b in streams]
+        zero_columns = [
+            "msre_zero" for b in streams
+        ]
+    else:
+        msre_columns, zero_columns = ["msre"], ["msre_zero"]
+    return steps, _read_columns(rows, msre_columns), _read_columns(rows, zero_columns)
+
+
+def _read_columns(rows: list[dict[str, str]], names: list[str]) -> np.ndarray:
+    """The named columns of CSV rows as floats, ``[rows, names]``."""
+    return np.array([[float(row[name]) for name in names] for row in rows]).reshape(
+        len(rows), len(names)
     )
-    return steps, curves
 
 
-def _summarise(
-    settings: dict[str, Any], run_dirs: list[Path], steps: np.ndarray, curves: np.ndarray
-) -> PointResult:
-    final = curves[-1]
+def _summarise(settings: dict[str, Any], point: _PointRuns) -> PointResult:
+    if point.steps is None:
+        steps = np.zeros(0, dtype=np.int64)
+        curves = ratio_curves = np.zeros((0, 0))
+    else:
+        steps = point.steps
+        curves = np.concatenate(point.msre, axis=1)
+        ratio_curves = msre_ratio(curves, np.concatenate(point.msre_zero, axis=1))
     auc = np.array(
         [np.nanmean(curve) if not np.isnan(curve).all() else np.nan for curve in curves.T]
     )
-    final_mean, final_se = mean_and_standard_error(final[None])
-    auc_mean, auc_se = mean_and_standard_error(auc[None])
+    final_ratio = _mean_and_standard_error(_final_values(ratio_curves))
+    final_msre = _mean_and_standard_error(_final_values(curves))
+    auc_msre = _mean_and_standard_error(auc)
     return PointResult(
         settings,
-        run_dirs,
+        point.run_dirs,
         steps,
         curves,
-        float(final_mean[0]),
-        float(final_se[0]),
-        float(auc_mean[0]),
-        float(auc_se[0]),
+        ratio_curves,
+        *final_ratio,
+        *final_msre,
+        *auc_msre,
+        steps_per_run=int(point.config["steps"]),
+        unfinished=point.unfinished,
     )
+
+
+def _final_values(curves: np.ndarray) -> np.ndarray:
+    """The last logged value of each seed, ``[seeds]`` (empty for no seeds)."""
+    return curves[-1] if len(curves) else np.zeros(curves.shape[1])
+
+
+def _mean_and_standard_error(per_seed: np.ndarray) -> tuple[float, float]:
+    """Mean over seeds ``[seeds]`` and its standard error; NaN for no (or one) seed."""
+    mean, standard_error = mean_and_standard_error(per_seed[None])
+    return float(mean[0]), float(standard_error[0])
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -170,18 +271,30 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 
 
 def _mark_best_step_sizes(points: list[PointResult]) -> None:
+    """Mark the lowest mean final ratio of each family, among its points with figures."""
     families: dict[str, list[PointResult]] = {}
     for point in points:
-        family = {k: v for k, v in point.settings.items() if k not in STEP_SIZE_SETTINGS}
-        families.setdefault(json.dumps(family, sort_keys=True), []).append(point)
+        families.setdefault(_family(point), []).append(point)
     for members in families.values():
-        scored = [point for point in members if np.isfinite(point.auc_msre)]
+        scored = [point for point in members if np.isfinite(point.final_ratio)]
         if len(members) > 1 and scored:
-            min(scored, key=lambda point: point.auc_msre).best = True
+            min(scored, key=lambda point: point.final_ratio).best = True
+
+
+def _family(point: PointResult) -> str:
+    """The point's settings but its step sizes, as a key."""
+    return json.dumps(
+        {key: value for key, value in point.settings.items() if key not in STEP_SIZE_SETTINGS},
+        sort_keys=True,
+    )
 
 
 def write_results_csv(points: Sequence[PointResult], path: Path, root: Path) -> None:
-    """One row per grid point: settings, seeds, final and AUC MSRE ± se, best, run folders."""
+    """One row per grid point: settings, seeds, figures ± se, best, progress, run folders.
+
+    The figures are the final ratio, final MSRE and AUC MSRE; the run folders, relative to
+    ``root`` and ``;``-separated, are the finished and the unfinished ones.
+    """
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     setting_names = list(points[0].settings)
@@ -189,22 +302,28 @@ def write_results_csv(points: Sequence[PointResult], path: Path, root: Path) -> 
         [
             *setting_names,
             "seeds",
+            "final_ratio",
+            "final_ratio_se",
             "final_msre",
             "final_msre_se",
             "auc_msre",
             "auc_msre_se",
             "best",
+            "progress",
             "runs",
         ]
     )
     for point in points:
+        run_dirs = sorted([*point.run_dirs, *point.unfinished])
         writer.writerow(
             [
                 *point.settings.values(),
-                point.curves.shape[1],
+                point.seeds,
                 *(
                     f"{value:.8g}"
                     for value in (
+                        point.final_ratio,
+                        point.final_ratio_se,
                         point.final_msre,
                         point.final_msre_se,
                         point.auc_msre,
@@ -212,22 +331,33 @@ def write_results_csv(points: Sequence[PointResult], path: Path, root: Path) -> 
                     )
                 ),
                 point.best,
-                ";".join(str(run_dir.relative_to(root)) for run_dir in point.run_dirs),
+                point.progress,
+                ";".join(str(run_dir.relative_to(root)) for run_dir in run_dirs),
             ]
         )
     atomic_write_bytes(path, text.getvalue().encode())
 
 
 def format_table(points: Sequence[PointResult]) -> str:
-    """The results as an aligned text table, best step sizes starred."""
-    header = [*points[0].settings, "seeds", "final MSRE", "AUC MSRE", "best"]
+    """The results as an aligned text table, best step sizes starred, with progress."""
+    header = [
+        *points[0].settings,
+        "seeds",
+        "final ratio",
+        "final MSRE",
+        "AUC MSRE",
+        "best",
+        "progress",
+    ]
     rows = [
         [
             *(str(value) for value in point.settings.values()),
-            str(point.curves.shape[1]),
+            str(point.seeds),
+            f"{point.final_ratio:.4g} ± {point.final_ratio_se:.2g}",
             f"{point.final_msre:.4g} ± {point.final_msre_se:.2g}",
             f"{point.auc_msre:.4g} ± {point.auc_msre_se:.2g}",
             "*" if point.best else "",
+            point.progress,
         ]
         for point in points
     ]
@@ -239,8 +369,9 @@ def format_table(points: Sequence[PointResult]) -> str:
 
 
 def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
-    """Learning curves of every grid point, mean ± standard error over seeds.
+    """Each seed's MSRE ÷ its own predict-zero MSRE, mean ± standard error over seeds.
 
+    One curve per grid point with finished runs, over a dashed line at 1 (predicting zero).
     Points of one family (same settings but step sizes) share a colour; the best step size
     of each family is drawn bold with a bold legend entry, the others thin.
     """
@@ -249,13 +380,11 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
     family_colours: dict[str, str] = {}
     best_labels = []
     for point in points:
-        family = json.dumps(
-            {k: v for k, v in point.settings.items() if k not in STEP_SIZE_SETTINGS},
-            sort_keys=True,
-        )
-        colour = family_colours.setdefault(family, f"C{len(family_colours) % 10}")
-        mean, standard_error = mean_and_standard_error(point.curves)
-        label = f"{point.label} ({point.curves.shape[1]} seeds)"
+        colour = family_colours.setdefault(_family(point), f"C{len(family_colours) % 10}")
+        if point.seeds == 0:
+            continue
+        mean, standard_error = mean_and_standard_error(point.ratio_curves)
+        label = f"{point.label} ({point.seeds} seeds)"
         if point.best:
             label = f"★ {label}, best step size"
             best_labels.append(label)
@@ -275,9 +404,10 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
             alpha=0.25 if point.best else 0.1,
             linewidth=0,
         )
+    axes.axhline(1.0, linestyle="--", color="black", linewidth=1.0, label="predict zero")
     axes.xaxis.set_major_formatter(FuncFormatter(lambda tick, _: format_step_count(tick)))
     axes.set_xlabel("steps")
-    axes.set_ylabel("MSRE (sliding mean)")
+    axes.set_ylabel("MSRE ÷ the same seed's predict-zero MSRE (sliding means)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     legend = axes.legend(title="mean ± standard error over seeds", fontsize="small")

@@ -22,8 +22,10 @@ def add_parser(verbs: Any) -> None:
         "results",
         help="aggregate every run under DIR: mean ± standard error over seeds per grid point",
         description=f"Pool the seeds of every grid point under DIR; write DIR/{RESULTS_CSV} "
-        f"(final and area-under-curve MSRE, mean ± standard error) and DIR/{RESULTS_PLOT} "
-        "(learning curves, best step size per learner in bold).",
+        "(final MSRE ÷ the same seed's predict-zero MSRE, final and area-under-curve MSRE, "
+        "mean ± standard error; the best step size per family by final ratio; the progress "
+        f"of unfinished runs) and DIR/{RESULTS_PLOT} (per-seed ratio learning curves, best "
+        "step size per family in bold).",
     )
     results.add_argument("dir", help="a sweep's output folder (or any folder of runs)")
     results.set_defaults(handler=handle)
@@ -36,5 +38,8 @@ def handle(args: argparse.Namespace) -> int:
     write_results_csv(points, root / RESULTS_CSV, root)
     plot_results(points, root / RESULTS_PLOT, title=f"{root.resolve().name}: learning curves")
     print(format_table(points))
+    running = sum(1 for point in points if point.unfinished)
+    if running:
+        print(f"{running} grid point(s) have unfinished runs: see the progress column")
     print(f"wrote {root / RESULTS_CSV} and {root / RESULTS_PLOT}")
     return 0
