@@ -112,12 +112,15 @@ class _PointRuns:
     config: dict[str, Any]
     """The run config without ``seed``."""
     run_dirs: list[Path] = field(default_factory=list)
+    """Its finished runs."""
     steps: np.ndarray | None = None
+    """Logged steps of its finished runs, ``[N]``; None before the first."""
     msre: list[np.ndarray] = field(default_factory=list)
     """Per finished run, ``[N, its seeds]``."""
     msre_zero: list[np.ndarray] = field(default_factory=list)
     """Per finished run, ``[N, its seeds]``."""
     unfinished: dict[Path, int] = field(default_factory=dict)
+    """Its runs without ``metrics.csv`` -> step of their latest checkpoint (0 before one)."""
 
 
 def aggregate(root: str | os.PathLike[str]) -> list[PointResult]:
@@ -191,7 +194,7 @@ def read_seed_curves(
         streams = [name[5:] for name in rows[0] if name.startswith("msre_") and name[5:].isdigit()]
         msre_columns = [f"msre_{b}" for b in streams]
         zero_columns = [
-            "msre_zero" for b in streams
+            f"msre_zero_{b}" if f"msre_zero_{b}" in rows[0] else "msre_zero" for b in streams
         ]
     else:
         msre_columns, zero_columns = ["msre"], ["msre_zero"]
@@ -239,7 +242,7 @@ def _final_values(curves: np.ndarray) -> np.ndarray:
 
 
 def _mean_and_standard_error(per_seed: np.ndarray) -> tuple[float, float]:
-    """Mean over seeds ``[seeds]`` and its standard error; NaN for no (or one) seed."""
+    """Mean of per-seed values ``[seeds]`` and its standard error (NaN below two seeds)."""
     mean, standard_error = mean_and_standard_error(per_seed[None])
     return float(mean[0]), float(standard_error[0])
 

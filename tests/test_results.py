@@ -34,9 +34,7 @@ def write_run(folder, *, step_size, seed, independent, rows, msre_zero=1.0):
     lines = ["step,msre,msre_se,msre_zero," + ",".join(f"msre_{b}" for b in range(streams))]
     for step, values in rows:
         mean = sum(values) / len(values)
-        lines.append(
-            f"{step},{mean},0,{msre_zero}," + ",".join(str(value) for value in values)
-        )
+        lines.append(f"{step},{mean},0,{msre_zero}," + ",".join(str(value) for value in values))
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
 
 
