@@ -35,6 +35,9 @@ def test_quick_bench_writes_every_table(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {row["label"] for row in report["cases"]} >= {"columnar (32, 7, 12)"}
     assert all(row["fused_us"] > 0 and row["eager_us"] > 0 for row in report["cases"])
+    batched = [row for row in report["cases"] if row["streams"] > 1 and row["target_us"]]
+    assert batched and all(row["fused_independent_us"] > 0 for row in batched)
     assert {row["learner"] for row in report["scaling"]} == set(benchmark.SCALING)
     out = capsys.readouterr().out
-    assert "| case | params | target |" in out and "| learner | backend |" in out
+    assert "| case | params | target | fused | fused indep. |" in out
+    assert "| learner | backend |" in out
