@@ -167,7 +167,17 @@ class StateLearner(abc.ABC):
                 f"{self.name}: x holds a non-finite value (first at stream {bad[0]}, "
                 f"component {bad[1]}); clean or clip the observation before the learner"
             )
+        self.begin_step()
         return self._advance(x)
+
+    def begin_step(self) -> None:  # noqa: B027 - a hook: most learners need nothing here
+        """Prepare the step about to be taken (nothing by default).
+
+        Called once before every step, by ``step`` and, before a compiled step, by the TD
+        engine (whose kernel then advances the learner in place): the one place for what a
+        step starts with, e.g. a constructive learner's stage schedule or the step's random
+        draws. Not called for a step refused for non-finite input.
+        """
 
     def grad(self, v: Tensor) -> dict[str, Tensor]:
         """Gradient of ``v_b . h_b,t`` with respect to each parameter, per stream ``b``.

@@ -24,6 +24,8 @@ eLSTM, UORO and SnAp-1, on the CPU). They agree to rounding, and the tests hold 
 from __future__ import annotations
 
 import copy
+import itertools
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ from torch import Tensor
 from agentstate import fused
 from agentstate.learner import StateLearner, zero_streams_
 from agentstate.normalization import OnlineNormalizer
-from agentstate.optim import OPTIMIZERS, make_optimizer, restart_entries
+from agentstate.optim import OPTIMIZERS, make_optimizer, optimizer_state, restart_entries
 
 BACKENDS = ("auto", "eager", "fused")
 
@@ -133,21 +135,103 @@ class TDPredictor:
         self._learner_params: dict[str, Tensor] = {}
         self.learner_traces: dict[str, Tensor] = {}
         self.optimizer: torch.optim.Optimizer = self._build_optimizer()
+        self._fused_state: fused.EngineState | None = None
+        self._fused_state_tensors: tuple[Any, ...] = ()
         self._fused = self._fused_step()
         self._eager_state: Tensor | None = None  # h_t of the latest eager step
 
     def _fused_step(self) -> fused.FusedTDStep | None:
-        """The fused step if ``config.backend`` asks for it and it applies, else None."""
+        """The learner's compiled step if ``config.backend`` asks for it and it applies."""
         if self.config.backend == "eager":
             return None
-        reason = fused.unsupported_reason(self)
-        library = fused.load_library() if reason is None else None
-        if library is not None:
-            return fused.FusedTDStep(self, library)
+        learner = self.learner
+        reason = fused.unsupported_reason(
+            learner, self.config.optimizer, self.optimizer.param_groups
+        )
+        kernel = learner.fused_layout().kernel if reason is None else None  # type: ignore[attr-defined]
+        library = fused.load_kernel(kernel) if kernel is not None else None
+        if kernel is not None and library is not None:
+            return fused.FusedTDStep(
+                kernel,
+                library,
+                learner.dtype,
+                streams=learner.streams,
+                input_size=learner.input_size,
+                n_cumulants=self.n_cumulants,
+            )
         if self.config.backend == "fused":
             reason = reason or "the kernel could not be built (see the warning above)"
             raise ValueError(f"backend='fused' cannot run this predictor: {reason}")
         return None
+
+    def _engine_state(self) -> fused.EngineState:
+        """What the compiled step reads and writes of this engine (rebuilt when replaced)."""
+        tensors = self._engine_tensors()
+        state = self._fused_state
+        if (
+            state is not None
+            and len(tensors) == len(self._fused_state_tensors)
+            and all(map(operator.is_, tensors, self._fused_state_tensors))
+        ):
+            return state
+        config, learner = self.config, self.learner
+        trains = config.train_learner and bool(self._learner_params)
+        optimizer = self.optimizer
+        state = fused.EngineState(
+            streams=learner.streams,
+            param_streams=learner.param_streams,
+            input_size=learner.input_size,
+            n_features=learner.n_features,
+            n_cumulants=self.n_cumulants,
+            n_head_features=self.n_head_features,
+            include_observation=config.include_observation,
+            include_bias=config.include_bias,
+            train_learner=trains,
+            lambda_=config.lambda_,
+            input_decay=self.input_normalizer.decay,
+            input_floor=self.input_normalizer.variance_floor,
+            feature_decay=self.feature_normalizer.decay,
+            feature_floor=self.feature_normalizer.variance_floor,
+            optimizer=config.optimizer,
+            param_groups=optimizer.param_groups,
+            input_mean=self.input_normalizer.mean,
+            input_variance=self.input_normalizer.variance,
+            feature_mean=self.feature_normalizer.mean,
+            feature_variance=self.feature_normalizer.variance,
+            previous_prediction=self.previous_prediction,
+            has_previous=self.has_previous,
+            head_weight=self.head_weight,
+            head_trace=self.head_trace,
+            head_optimizer_state=optimizer_state(optimizer, self.head_weight),
+            learner_parameters=dict(self._learner_params),
+            learner_traces=dict(self.learner_traces),
+            learner_optimizer_states={
+                key: optimizer_state(optimizer, param) if trains else (None, None, None)
+                for key, param in self._learner_params.items()
+            },
+        )
+        self._fused_state = state
+        self._fused_state_tensors = self._engine_tensors()  # optimiser state now exists
+        return state
+
+    def _engine_tensors(self) -> tuple[Any, ...]:
+        """Every object of this engine whose replacement calls for a new ``EngineState``."""
+        states = self.optimizer.state.values()
+        return (
+            self.optimizer,
+            self.optimizer.state,
+            self.previous_prediction,
+            self.has_previous,
+            self.input_normalizer.mean,
+            self.input_normalizer.variance,
+            self.feature_normalizer.mean,
+            self.feature_normalizer.variance,
+            self.head_weight,
+            self.head_trace,
+            *self.learner_traces.values(),
+            *states,
+            *itertools.chain.from_iterable(map(dict.values, states)),
+        )
 
     @property
     def backend(self) -> str:
@@ -267,23 +351,23 @@ class TDPredictor:
             Predictions ``y_t: [B, n_cumulants]``, made before this step's update.
         """
         learner = self.learner
-        checked = self._fused is None  # the kernel checks finiteness itself, much cheaper
+        checked = self._fused is None  # the kernel's library checks finiteness, much cheaper
         self._check(observation, "observation", (learner.streams, learner.input_size), checked)
         self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants), checked)
         gamma = self._discount(discount, checked)
         if episode_start is not None:
             self.reset_streams(episode_start)
         if self._fused is not None:
-            # The kernel calls follow_learner_parameters when the layout's tensors change.
+            if not self._fused.load_inputs(observation, cumulant, gamma):
+                # Not finite: nothing changed; the eager checks say where.
+                self._check(observation, "observation", (learner.streams, learner.input_size))
+                self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants))
+                self._discount(discount)
+                raise RuntimeError("the fused kernel refused inputs that the eager checks accept")
+            learner.begin_step()  # as learner.step does: e.g. a constructive learner's schedule
+            self.follow_learner_parameters()
             layout = learner.fused_layout()  # type: ignore[attr-defined]
-            prediction = self._fused.step(layout, observation, cumulant, gamma)
-            if prediction is not None:
-                return prediction
-            # Not finite: nothing changed; the eager checks say where.
-            self._check(observation, "observation", (learner.streams, learner.input_size))
-            self._check(cumulant, "cumulant", (learner.streams, self.n_cumulants))
-            self._discount(discount)
-            raise RuntimeError("the fused kernel refused inputs that the eager checks accept")
+            return self._fused.run(self._engine_state(), layout)
         if not isinstance(gamma, Tensor):
             gamma = torch.full(
                 (learner.streams,), gamma, dtype=learner.dtype, device=learner.device

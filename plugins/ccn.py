@@ -49,8 +49,9 @@ Heads. A TD engine divides its heads' step size by the number of columns built s
 (``n_built_features``: ``alpha / 4, alpha / 8, ...`` for 20:4) and starts the heads and
 feature statistics of newly built columns afresh, as the authors' code does.
 
-Schedule. ``step`` counts its calls in the active stage; the step after the ``S``-th runs in the
-next stage (``advance_stage()`` moves on at once). The last stage stays active forever. On a
+Schedule. ``begin_step`` (called by ``step``, and by a TD engine before its compiled step)
+counts the steps of the active stage; the step after the ``S``-th runs in the next stage
+(``advance_stage()`` moves on at once). The last stage stays active forever. On a
 stage change the active weights are copied into the frozen store (a later in-place update of
 the old ``params`` tensor cannot reach them) and ``params`` becomes a new dict holding the new
 stage's tensor: consumers detect the change by tensor identity.
@@ -72,12 +73,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from agentstate.fused import ColumnStages
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner, zero_streams_
 from agentstate.registry import LearnerSpec
 
-from .columnar import N_GATES, column_preactivations, column_sensitivities, gate_activations
+from .columnar import (
+    N_GATES,
+    ColumnStages,
+    column_preactivations,
+    column_sensitivities,
+    gate_activations,
+)
 
 CCN_PRESETS: dict[str, dict[str, int]] = {
     "columnar-7": {"n_features": 7, "columns_per_stage": 7, "steps_per_stage": 50_000_000},
@@ -332,9 +338,13 @@ class CCNLearner(StateLearner):
         return (h, c), h
 
     # ------------------------------------------------------------------ the rule
-    def _advance(self, x: Tensor) -> Tensor:
+    def begin_step(self) -> None:
+        """Start the next stage when the schedule says so, and count the step in its stage."""
         if self.steps_in_stage >= self.config.steps_per_stage:
             self.advance_stage()
+        self.steps_in_stage += 1
+
+    def _advance(self, x: Tensor) -> Tensor:
         weight = self.params["weight"]
         h_prev, c_prev = self.carry
         h, c, gates, active_input = self._cell(weight, self.carry, x)
@@ -368,7 +378,6 @@ class CCNLearner(StateLearner):
                 self.feature_mean[stage], self.feature_variance[stage], h_prev[:, : active.start]
             )
         self.carry = (h, c)
-        self.steps_in_stage += 1
         return h
 
     def _update_statistics(self, mean: Tensor, variance: Tensor, values: Tensor) -> None:
@@ -394,13 +403,7 @@ class CCNLearner(StateLearner):
         return {"sensitivity_h": self.sensitivity_h, "sensitivity_c": self.sensitivity_c}
 
     def fused_layout(self) -> ColumnStages:
-        """The tensors the fused TD step advances in place for this step.
-
-        Starts the next stage first when the schedule says so, as ``step`` does; the step is
-        counted (``step_taken``) once the kernel has run.
-        """
-        if self.steps_in_stage >= self.config.steps_per_stage:
-            self.advance_stage()
+        """The tensors the fused TD step advances in place (the stages built so far)."""
         built = self._active_stage + 1
         return ColumnStages(
             weights=(*self.stage_weights[: built - 1], self.params["weight"]),
@@ -415,11 +418,7 @@ class CCNLearner(StateLearner):
             normalize_features=self.config.normalize_features,
             normalization_rate=self.config.normalization_rate,
             variance_floor=self.config.variance_floor,
-            step_taken=self._count_step,
         )
-
-    def _count_step(self) -> None:
-        self.steps_in_stage += 1
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -23,13 +23,16 @@ kernel (``agentstate.fused``) runs the same equations; ``fused_layout`` hands it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ctypes
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agentstate.fused import ColumnStages
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner, zero_streams_
 from agentstate.registry import LearnerSpec
@@ -237,6 +240,121 @@ class ColumnarLearner(StateLearner):
             normalization_rate=1.0,
             variance_floor=1.0,
         )
+
+
+# ---------------------------------------------------------------------- the compiled step
+class ColumnArgs(ctypes.Structure):
+    """``ColumnStages`` for ``kernels/columns.cpp``; ``stage_*`` point at per-stage arrays."""
+
+    _fields_ = [
+        ("columns_per_stage", ctypes.c_int64),
+        ("active_stage", ctypes.c_int64),
+        ("normalize_inputs", ctypes.c_int64),
+        ("normalize_features", ctypes.c_int64),
+        ("normalization_rate", ctypes.c_double),
+        ("variance_floor", ctypes.c_double),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "h",
+                "c",
+                "sensitivity_h",
+                "sensitivity_c",
+                "stage_weights",
+                "stage_input_means",
+                "stage_input_variances",
+                "stage_means",
+                "stage_variances",
+            )
+        ),
+    ]
+
+
+COLUMNS_KERNEL = Kernel(
+    entry="td_columns",
+    sources=(Path(__file__).parent / "kernels" / "columns.cpp",),
+    args_type=ColumnArgs,
+)
+"""The fused TD step of columnar and CCN learners."""
+
+
+class ColumnStages(NamedTuple):
+    """Tensors of a columnar or CCN learner that the fused step advances in place.
+
+    A columnar network is one stage whose columns all learn. ``P`` is 1 (shared) or ``B``;
+    ``L`` columns per stage; ``k`` the active (last built) stage; ``T`` columns in all.
+    """
+
+    weights: Sequence[Tensor]
+    """Built stages ``s = 0..k``: ``[P, L, 4, d + sL + 2]``; the last is trained."""
+    input_mean: Sequence[Tensor]
+    """``input_mean[s]``: ``[P, d]`` statistics with which stage ``s`` normalises the raw
+    input, one per built stage; empty when the learner reads the engine's normalised input."""
+    input_variance: Sequence[Tensor]
+    """Like ``input_mean``."""
+    feature_mean: Sequence[Tensor]
+    """``feature_mean[s]``: ``[P, sL]`` statistics of the earlier columns' states that stage
+    ``s`` reads; needed for the stages ``s >= 1`` (a columnar network passes none)."""
+    feature_variance: Sequence[Tensor]
+    """Like ``feature_mean``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, T]``."""
+    sensitivity_h: Tensor
+    """``[B, L, 4, d + kL + 2]``."""
+    sensitivity_c: Tensor
+    """Like ``sensitivity_h``."""
+    columns_per_stage: int
+    normalize_features: bool
+    normalization_rate: float
+    variance_floor: float
+
+    kernel = COLUMNS_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The trained weights: the active stage's."""
+        return (self.weights[-1],)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (
+            *self.weights,
+            *self.input_mean,
+            *self.input_variance,
+            *self.feature_mean,
+            *self.feature_variance,
+            *self.carry,
+            self.sensitivity_h,
+            self.sensitivity_c,
+        )
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``ColumnArgs`` for these tensors."""
+        h, c = self.carry
+        return struct_arguments(
+            ColumnArgs,
+            dtype,
+            {
+                "columns_per_stage": self.columns_per_stage,
+                "active_stage": len(self.weights) - 1,
+                "normalize_inputs": bool(self.input_mean),
+                "normalize_features": self.normalize_features,
+                "normalization_rate": self.normalization_rate,
+                "variance_floor": self.variance_floor,
+                "h": h,
+                "c": c,
+                "sensitivity_h": self.sensitivity_h,
+                "sensitivity_c": self.sensitivity_c,
+                "stage_weights": self.weights,
+                "stage_input_means": self.input_mean,
+                "stage_input_variances": self.input_variance,
+                "stage_means": self.feature_mean,
+                "stage_variances": self.feature_variance,
+            },
+        )
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, T]`` of every built column after the last fused step."""
+        return self.carry[0]
 
 
 @hookimpl

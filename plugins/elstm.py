@@ -33,14 +33,16 @@ drawn from ``N(0, init_std^2)``, ``init_std = 0.1`` as in the authors' RTRL laye
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agentstate.fused import ElementwiseCells
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner
 from agentstate.registry import LearnerSpec
@@ -218,7 +220,7 @@ class ELSTMLearner(StateLearner):
         }
 
     def fused_layout(self) -> ElementwiseCells:
-        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        """The tensors the fused TD step advances in place (``kernels/elstm.cpp``)."""
         params = self.params
         return ElementwiseCells(
             params["gate_input_weight"],
@@ -244,6 +246,79 @@ class ELSTMLearner(StateLearner):
             "output_gate": self.output_gate,
             "last_input": self.last_input,
         }
+
+
+# ---------------------------------------------------------------------- the compiled step
+class ElementwiseArgs(ctypes.Structure):
+    """``ElementwiseCells`` for ``kernels/elstm.cpp``.
+
+    ``parameters`` points at an array of five pointers, in ``ElementwiseCells.parameters()``
+    order.
+    """
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("c", "sensitivity", "output_gate", "last_input", "parameters")
+    ]
+
+
+_KERNELS = Path(__file__).parent / "kernels"
+ELSTM_KERNEL = Kernel(
+    entry="td_elstm",
+    sources=(_KERNELS / "elstm.cpp",),
+    args_type=ElementwiseArgs,
+    headers=(_KERNELS / "dense.h",),
+)
+
+
+class ElementwiseCells(NamedTuple):
+    """Tensors of an eLSTM learner advanced in place by ``ELSTM_KERNEL``.
+
+    ``P`` is 1 (shared) or ``B``; ``N`` cells, ``D`` inputs. Its five parameters are named
+    here in the kernel's order; each has its own trace and optimiser state.
+    """
+
+    gate_input_weight: Tensor
+    """``[P, 2, N, D]``: ``W_z, W_f``."""
+    gate_cell_weight: Tensor
+    """``[P, 2, N]``: ``w_z, w_f``."""
+    gate_bias: Tensor
+    """``[P, 2, N]``."""
+    output_weight: Tensor
+    """``[P, N, D + N]``: ``W_o`` on ``[x_t; c_t]``."""
+    output_bias: Tensor
+    """``[P, N]``."""
+    carry: tuple[Tensor, ...]
+    """``(c,)``, ``[B, N]``."""
+    sensitivity: Tensor
+    """``[B, 2, N, D + 2]``: row ``n`` of gate ``g`` is ``dc_n / d[W_g[n], w_g[n], b_g[n]]``."""
+    output_gate: Tensor
+    """``[B, N]``, written with this step's ``o_t``."""
+    last_input: Tensor
+    """``[B, D]``, written with this step's (normalised) input."""
+
+    kernel = ELSTM_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The learner's parameters in the kernel's order."""
+        return tuple(self[:5])
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (*self[:5], *self.carry, self.sensitivity, self.output_gate, self.last_input)
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``ElementwiseArgs`` for these tensors."""
+        (c,) = self.carry
+        return struct_arguments(
+            ElementwiseArgs,
+            dtype,
+            {**self._asdict(), "c": c, "parameters": self.parameters()},
+        )
+
+    def agent_state(self) -> Tensor:
+        """``h = o (.) c: [B, N]`` after the last fused step (a new tensor)."""
+        return self.output_gate * self.carry[0]
 
 
 def batched_affine(matrix: Tensor, offset: Tensor, vector: Tensor) -> Tensor:

@@ -25,14 +25,16 @@ and SnAp-1 is exact RTRL. O(parameters) per step.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agentstate.fused import OwnUnitSensitivities
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry
 from agentstate.registry import LearnerSpec
@@ -141,7 +143,7 @@ class SnAp1Learner(DenseLSTMLearner):
         return {"weight": _per_unit(v) * self.sensitivity_h}
 
     def fused_layout(self) -> OwnUnitSensitivities:
-        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        """The tensors the fused TD step advances in place (``kernels/snap1.cpp``)."""
         return OwnUnitSensitivities(
             self.params["weight"],
             self.carry,
@@ -166,6 +168,59 @@ class SnAp1Learner(DenseLSTMLearner):
 def _per_unit(values: Tensor) -> Tensor:
     """View ``[B, n]`` per-unit values as ``[B, 1, n, 1]``, to scale a sensitivity row-wise."""
     return values[:, None, :, None]
+
+
+# ---------------------------------------------------------------------- the compiled step
+class SnapArgs(ctypes.Structure):
+    """``OwnUnitSensitivities`` for ``kernels/snap1.cpp``."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("weight", "h", "c", "sensitivity_h", "sensitivity_c", "weight_mask")
+    ]
+
+
+_KERNELS = Path(__file__).parent / "kernels"
+SNAP1_KERNEL = Kernel(
+    entry="td_snap1",
+    sources=(_KERNELS / "snap1.cpp",),
+    args_type=SnapArgs,
+    headers=(_KERNELS / "dense.h",),
+)
+
+
+class OwnUnitSensitivities(NamedTuple):
+    """Tensors of a SnAp-1 learner advanced in place by ``SNAP1_KERNEL``."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``; the network uses ``weight * weight_mask``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    sensitivity_h: Tensor
+    """``[B, 4, n, d + n + 1]``."""
+    sensitivity_c: Tensor
+    """Like ``sensitivity_h``."""
+    weight_mask: Tensor
+    """``[1, 1, n, d + n + 1]``, 0 or 1 (read only)."""
+
+    kernel = SNAP1_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The trained weight."""
+        return (self.weight,)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (self.weight, *self.carry, self.sensitivity_h, self.sensitivity_c, self.weight_mask)
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``SnapArgs`` for these tensors."""
+        h, c = self.carry
+        return struct_arguments(SnapArgs, dtype, {**self._asdict(), "h": h, "c": c})
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 @hookimpl

@@ -23,13 +23,15 @@ As in the authors' C++, activations are stored and the weights are not: the recu
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agentstate.fused import DenseWindow
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.registry import LearnerSpec
 
@@ -143,7 +145,7 @@ class TBPTTLearner(DenseLSTMLearner):
         self.steps_in_window[mask] = 0
 
     def fused_layout(self) -> DenseWindow:
-        """The tensors the fused TD step advances in place (``agentstate.fused``)."""
+        """The tensors the fused TD step advances in place (``kernels/window.cpp``)."""
         return DenseWindow(
             self.params["weight"],
             self.carry,
@@ -165,6 +167,74 @@ class TBPTTLearner(DenseLSTMLearner):
             "window_dh_dc": self.window_dh_dc,
             "steps_in_window": self.steps_in_window,
         }
+
+
+# ---------------------------------------------------------------------- the compiled step
+class WindowArgs(ctypes.Structure):
+    """``DenseWindow`` for ``kernels/window.cpp``."""
+
+    _fields_ = [
+        ("truncation", ctypes.c_int64),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "weight",
+                "h",
+                "c",
+                "window_cell_input",
+                "window_dc_dpreactivation",
+                "window_dh_dpreactivation",
+                "window_dc_dc_prev",
+                "window_dh_dc",
+                "steps_in_window",
+            )
+        ),
+    ]
+
+
+_KERNELS = Path(__file__).parent / "kernels"
+WINDOW_KERNEL = Kernel(
+    entry="td_window",
+    sources=(_KERNELS / "window.cpp",),
+    args_type=WindowArgs,
+    headers=(_KERNELS / "dense.h",),
+)
+
+
+class DenseWindow(NamedTuple):
+    """Tensors of a T-BPTT learner advanced in place by ``WINDOW_KERNEL``."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    window_cell_input: Tensor
+    window_dc_dpreactivation: Tensor
+    window_dh_dpreactivation: Tensor
+    window_dc_dc_prev: Tensor
+    window_dh_dc: Tensor
+    steps_in_window: Tensor
+    """``[B]`` int64."""
+    truncation: int
+
+    kernel = WINDOW_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The trained weight."""
+        return (self.weight,)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (self.weight, *self.carry, *self[2:8])
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``WindowArgs`` for these tensors."""
+        h, c = self.carry
+        return struct_arguments(WindowArgs, dtype, {**self._asdict(), "h": h, "c": c})
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 @hookimpl

@@ -27,14 +27,16 @@ estimate has its own noise.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from agentstate.fused import DenseTangent
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.registry import LearnerSpec
 
@@ -89,34 +91,19 @@ class UOROLearner(DenseLSTMLearner):
         self.parameter_tangent = self._zeros(self.streams, *self.weight_shape)
         self._sign_bits = torch.zeros((self.streams, 2 * self.n_features), dtype=torch.int64)
 
-    def _draw_sign_bits(self) -> Tensor:
-        """This step's random bits, ``[B, 2n]`` int64 (CPU): ``nu = 2 bits - 1``."""
-        return torch.randint(
-            0, 2, self._sign_bits.shape, generator=self.generator, out=self._sign_bits
-        )
+    def begin_step(self) -> None:
+        """Draw this step's random bits into ``[B, 2n]`` int64 (CPU): ``nu = 2 bits - 1``."""
+        torch.randint(0, 2, self._sign_bits.shape, generator=self.generator, out=self._sign_bits)
 
     def _random_signs(self) -> Tensor:
         """``nu``: independent +-1 for every stream and state component, ``[B, 2n]``."""
-        bits = self._draw_sign_bits()
-        return (2 * bits - 1).to(dtype=self.dtype, device=self.device)
+        return (2 * self._sign_bits - 1).to(dtype=self.dtype, device=self.device)
 
     def fused_layout(self) -> DenseTangent:
-        """The tensors the fused TD step advances in place (``agentstate.fused``).
+        """The tensors the fused TD step advances in place (``kernels/uoro.cpp``).
 
-        No side effect: the fused step calls ``draw_signs`` right before the kernel (where
-        the eager step draws them) and, if the kernel refuses the step, ``step_refused``,
-        which puts the generator back.
+        The signs are those ``begin_step`` drew.
         """
-        drawn_from: list[Tensor] = []
-
-        def draw_signs() -> None:
-            drawn_from[:] = [self.generator.get_state()]
-            self._draw_sign_bits()
-
-        def undraw() -> None:
-            if drawn_from:
-                self.generator.set_state(drawn_from.pop())
-
         return DenseTangent(
             self.params["weight"],
             self.carry,
@@ -125,8 +112,6 @@ class UOROLearner(DenseLSTMLearner):
             self.parameter_tangent,
             self._sign_bits,
             self.config.epsilon,
-            step_refused=undraw,
-            draw_signs=draw_signs,
         )
 
     def _advance(self, x: Tensor) -> Tensor:
@@ -179,6 +164,74 @@ class UOROLearner(DenseLSTMLearner):
             "state_tangent_c": self.state_tangent_c,
             "parameter_tangent": self.parameter_tangent,
         }
+
+
+# ---------------------------------------------------------------------- the compiled step
+class TangentArgs(ctypes.Structure):
+    """``DenseTangent`` for ``kernels/uoro.cpp``."""
+
+    _fields_ = [
+        ("epsilon", ctypes.c_double),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "weight",
+                "h",
+                "c",
+                "state_tangent_h",
+                "state_tangent_c",
+                "parameter_tangent",
+                "sign_bits",
+            )
+        ),
+    ]
+
+
+_KERNELS = Path(__file__).parent / "kernels"
+UORO_KERNEL = Kernel(
+    entry="td_uoro",
+    sources=(_KERNELS / "uoro.cpp",),
+    args_type=TangentArgs,
+    headers=(_KERNELS / "dense.h",),
+)
+
+
+class DenseTangent(NamedTuple):
+    """Tensors of a UORO learner advanced in place by ``UORO_KERNEL``."""
+
+    weight: Tensor
+    """``[P, 4, n, d + n + 1]``."""
+    carry: tuple[Tensor, ...]
+    """``(h, c)``, each ``[B, n]``."""
+    state_tangent_h: Tensor
+    """``[B, n]``."""
+    state_tangent_c: Tensor
+    """``[B, n]``."""
+    parameter_tangent: Tensor
+    """``[B, 4, n, d + n + 1]``."""
+    sign_bits: Tensor
+    """``[B, 2n]`` int64, 0 or 1: this step's random signs ``nu = 2 bits - 1``, drawn from
+    the learner's generator by ``begin_step``."""
+    epsilon: float
+
+    kernel = UORO_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The trained weight."""
+        return (self.weight,)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (self.weight, *self.carry, *self[2:6])
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``TangentArgs`` for these tensors."""
+        h, c = self.carry
+        return struct_arguments(TangentArgs, dtype, {**self._asdict(), "h": h, "c": c})
+
+    def agent_state(self) -> Tensor:
+        """``h: [B, n]`` after the last fused step."""
+        return self.carry[0]
 
 
 @hookimpl
