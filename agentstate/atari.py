@@ -87,7 +87,7 @@ class AtariRunConfig:
     dtype: str = "float32"
     torch_threads: int = 1
     """Torch intra-op threads while the run lasts: the tensors are tiny, and extra threads
-    only add synchronisation (10x slower per step on a loaded 2-core machine)."""
+    only add synchronisation."""
 
     def __post_init__(self) -> None:
         if isinstance(self.games, str) or not self.games:

@@ -6,7 +6,7 @@ TD error, optimiser (``rmsprop_td``) and traces -- in float32 on one CPU thread.
 the minimum over many ~2 ms windows (the machine may be shared: the minimum is the run
 least disturbed), with the implementations measured alternately in rounds.
 
-* ``cases``: the targets of issue 6, for the fused kernel (``agentstate.fused``), the eager
+* ``cases``: the speed targets, for the fused kernel (``agentstate.fused``), the eager
   torch reference, and -- for the small columnar cases -- a naive eager RTRL that takes the
   cell's Jacobians from autograd every step (``NaiveColumnarRTRL``);
 * ``bandwidth``: the STREAM triad ``a = b + s c`` (torch, one thread, 128 MB arrays, counted

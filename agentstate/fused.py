@@ -668,6 +668,8 @@ class FusedTDStep:
         key_of = {id(param): key for key, param in engine.learner_parameters.items()}
         keys = [key_of[id(param)] for param in layout.parameters()]
         keep_alive: list[Any] = []
+        for name in ("learner_traces", "learner_states_a", "learner_states_b", "learner_steps"):
+            setattr(td, name, None)
         if engine.train_learner:
             states = [engine.learner_optimizer_states[key] for key in keys]
             steps += [state[2] for state in states]

@@ -314,8 +314,8 @@ class StateLearner(abc.ABC):
 def zero_streams_(tensors: Iterable[Tensor], mask: Tensor, dim: int = 0) -> None:
     """Zero, in place, the entries of the streams in ``mask: [B] bool`` along ``dim``.
 
-    Finds the streams once and fills by index: ~2 µs per tensor, where boolean indexing
-    (``tensor[mask] = 0``) searches the mask again for every tensor (~12 µs each).
+    Finds the streams once and fills by index, where boolean indexing (``tensor[mask] = 0``)
+    would search the mask again for every tensor.
     """
     streams = mask.nonzero().squeeze(1)
     for tensor in tensors:

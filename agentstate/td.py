@@ -16,9 +16,11 @@ learner's own online estimate; for the head it is ``phi_t``. With shared paramet
 updates its own copy. ``gamma_t = 0`` marks the end of an episode: no bootstrapping across it.
 
 Two implementations of the step, chosen by ``TDConfig.backend``: the eager one below (torch
-ops; any learner, device and optimiser: the reference) and ``agentstate.fused`` (the same step
-in one compiled call for learners that provide a ``fused_layout``: columnar, CCN, T-BPTT,
-eLSTM, UORO and SnAp-1, on the CPU). They agree to rounding, and the tests hold them to it.
+ops; any learner, device and optimiser: the reference) and a compiled one (``agentstate.fused``)
+for learners whose ``fused_layout()`` names a kernel, on the CPU: every built-in learner but
+``rtrl``, and any plugin that ships one. The engine hands the kernel an explicit
+``fused.EngineState``; per step it checks the inputs' finiteness, calls ``learner.begin_step()``
+and runs the kernel. The two agree to rounding, and the tests hold them to it.
 """
 
 from __future__ import annotations
@@ -481,7 +483,7 @@ class TDPredictor:
         if not bool(mask.any()):
             return
         # The fused kernel advances the learner's carry in place: resetting it in place too
-        # keeps the kernel's binding (replacing it would cost a rebinding, ~60 µs).
+        # keeps the kernel's binding (replacing it would cost a rebinding).
         self.learner.reset(mask, in_place=self._fused is not None)
         zero_streams_((self.head_trace, self.previous_prediction, self.has_previous), mask)
         zero_streams_(self.learner_traces.values(), mask, dim=1)  # [K, B, ...]
@@ -496,7 +498,7 @@ class TDPredictor:
             and tensor.shape == shape
             and tensor.dtype == learner.dtype
             and tensor.device == learner.device
-        ):  # the common case in ~0.3 µs; the checks below name what is wrong
+        ):  # the common case in one comparison; the checks below name what is wrong
             if finite and not bool(torch.isfinite(tensor).all()):
                 self._refuse_nonfinite(tensor, label)
             return

@@ -8,6 +8,7 @@ import torch
 
 import agentstate
 from agentstate.cli import main
+from agentstate.plugins.columnar import COLUMNS_KERNEL
 from agentstate.sweep import run_sweep
 from agentstate.td import TDConfig, TDPredictor
 
@@ -18,7 +19,7 @@ COLUMNS, PER_STAGE, STAGE_STEPS = 6, 2, 40
 def backends():
     from agentstate import fused
 
-    return ["eager"] + (["fused"] if fused.load_library() is not None else [])
+    return ["eager"] + (["fused"] if fused.load_kernel(COLUMNS_KERNEL) is not None else [])
 
 
 def make_ccn(**kwargs):

@@ -15,12 +15,14 @@ import torch
 
 import agentstate
 from agentstate import fused
+from agentstate.plugins.columnar import COLUMNS_KERNEL
 from agentstate.td import TDConfig, TDPredictor
 
 STREAMS, INPUTS = 3, 5
 
 needs_kernel = pytest.mark.skipif(
-    fused.load_library() is None, reason="no C++ compiler: the fused kernel cannot be built"
+    fused.load_kernel(COLUMNS_KERNEL) is None,
+    reason="no C++ compiler: the fused kernel cannot be built",
 )
 
 LEARNERS = {
@@ -286,7 +288,7 @@ def test_a_refused_step_leaves_the_random_signs_undrawn():
 
 def test_backend_choice():
     auto = make_predictor("columnar", "auto", torch.float32)
-    assert auto.backend == ("fused" if fused.load_library() else "eager")
+    assert auto.backend == ("fused" if fused.load_kernel(COLUMNS_KERNEL) else "eager")
     assert make_predictor("columnar", "eager", torch.float32).backend == "eager"
     learner = agentstate.make_learner("rtrl", INPUTS, streams=STREAMS, seed=0)
     assert TDPredictor(learner, 1, TDConfig()).backend == "eager"
@@ -318,7 +320,7 @@ def test_a_proxy_that_intercepts_step_gets_the_eager_path():
 def test_without_a_compiler_one_warning_and_the_eager_path(monkeypatch, tmp_path):
     monkeypatch.setattr(fused, "_compiler", lambda: None)
     monkeypatch.setenv("AGENTSTATE_CACHE_DIR", str(tmp_path))
-    fused.load_library.cache_clear()
+    fused.load_kernel.cache_clear()
     try:
         with pytest.warns(fused.FusedKernelWarning, match="no C\\+\\+ compiler"):
             predictor = make_predictor("columnar", "auto", torch.float32)
@@ -329,22 +331,22 @@ def test_without_a_compiler_one_warning_and_the_eager_path(monkeypatch, tmp_path
         with pytest.raises(ValueError, match="could not be built"):
             make_predictor("columnar", "fused", torch.float32)
     finally:
-        fused.load_library.cache_clear()
+        fused.load_kernel.cache_clear()
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    broken = tmp_path / "broken.cpp"
+    broken = tmp_path / "engine.h"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(fused, "SOURCE", broken)
+    monkeypatch.setattr(fused, "ENGINE_HEADER", broken)
     monkeypatch.setenv("AGENTSTATE_CACHE_DIR", str(tmp_path))
-    fused.load_library.cache_clear()
+    fused.load_kernel.cache_clear()
     try:
         if fused._compiler() is None:
             pytest.skip("no C++ compiler")
         with pytest.warns(fused.FusedKernelWarning, match="failed"):
             assert make_predictor("columnar", "auto", torch.float32).backend == "eager"
     finally:
-        fused.load_library.cache_clear()
+        fused.load_kernel.cache_clear()
 
 
 @needs_kernel
@@ -375,13 +377,13 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
         pytest.skip("no C++ compiler, or no vector math library to do without on this platform")
     monkeypatch.setattr(fused, "VECTOR_MATH_LIBRARIES", ("-lagentstate_no_such_library",))
     monkeypatch.setenv("AGENTSTATE_CACHE_DIR", str(tmp_path))
-    fused.load_library.cache_clear()
+    fused.load_kernel.cache_clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", fused.FusedKernelWarning)  # no warning: a quiet fallback
-            assert fused.load_library() is not None
+            assert fused.load_kernel(COLUMNS_KERNEL) is not None
         assert len(list((tmp_path / "kernels").glob("*.failed"))) == 1  # not retried next time
-        fused.load_library.cache_clear()
+        fused.load_kernel.cache_clear()
         compilations = []
         real_run = fused.subprocess.run
 
@@ -391,12 +393,12 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
             return real_run(command, **options)
 
         monkeypatch.setattr(fused.subprocess, "run", counting_run)
-        assert fused.load_library() is not None
+        assert fused.load_kernel(COLUMNS_KERNEL) is not None
         assert compilations == []  # the next process neither retries nor rebuilds
         run_both("columnar", 40)
         run_both("tbptt", 40)
     finally:
-        fused.load_library.cache_clear()
+        fused.load_kernel.cache_clear()
 
 
 @needs_kernel

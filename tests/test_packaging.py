@@ -16,6 +16,7 @@ from zipfile import ZipFile
 import pytest
 
 from agentstate import fused
+from agentstate.plugins.columnar import COLUMNS_KERNEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_ROOTS = {
@@ -120,5 +121,5 @@ def test_wheel_installs_and_runs_from_a_fresh_environment(wheel: Path, tmp_path:
     short_run = "run trace-patterning --steps 2000 --streams 2 --no-progress".split()
     run([agentstate, *short_run, "--out", str(out)], outside, env)
     assert (out / "metrics.csv").is_file()
-    if fused.load_library() is not None:  # this toolchain builds the kernel: so must the wheel
-        assert list((tmp_path / "cache" / "kernels").glob("fused_td-*.so"))
+    if fused.load_kernel(COLUMNS_KERNEL) is not None:  # this toolchain builds kernels: so must
+        assert list((tmp_path / "cache" / "kernels").glob("td_columns-*.so"))  # the wheel

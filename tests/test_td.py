@@ -5,11 +5,12 @@ import torch
 from oracle import bptt_gradient
 
 import agentstate
+from agentstate import fused
+from agentstate.plugins.columnar import COLUMNS_KERNEL
 from agentstate.td import TDConfig, TDPredictor
 
 STREAMS, INPUTS, COLUMNS = 2, 4, 3
 PLAIN = dict(normalize_inputs=False, normalize_features=False, optimizer="sgd")
-
 
 def make_learner(seed=0, independent=False):
     return agentstate.make_learner(
@@ -23,13 +24,11 @@ def make_learner(seed=0, independent=False):
         init_scale=0.5,
     )
 
-
 def random_stream(steps, seed=3):
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(steps, STREAMS, INPUTS, generator=generator, dtype=torch.float64)
     cumulants = torch.rand(steps, STREAMS, 1, generator=generator, dtype=torch.float64)
     return inputs, cumulants
-
 
 @pytest.mark.parametrize("independent", [False, True])
 def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
@@ -79,7 +78,6 @@ def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
         torch.testing.assert_close(got[:, 0], predictions, rtol=1e-12, atol=1e-12)
     assert weight.abs().max() > 0.01
 
-
 def test_learner_traces_accumulate_exact_gradients():
     """trace_t = sum_s (gamma lambda)^(t-s) d(w_s . h_s)/d theta, with the BPTT oracle."""
     gamma, lam, steps = 0.9, 0.8, 12
@@ -98,7 +96,6 @@ def test_learner_traces_accumulate_exact_gradients():
     torch.testing.assert_close(engine.learner_traces["weight"][0], expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(learner.params["weight"], params["weight"])  # step size 0
 
-
 def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
     config = TDConfig(step_size=0.5, head_step_size=0.0, **PLAIN)
     engine = TDPredictor(make_learner(), 1, config)
@@ -113,7 +110,6 @@ def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
     delta = cumulants[2] + 0.9 * prediction - prediction_before
     expected = before + 0.5 * (delta.view(STREAMS, 1, 1, 1) * trace).mean(0, keepdim=True)
     torch.testing.assert_close(engine.learner.params["weight"], expected, rtol=1e-12, atol=1e-14)
-
 
 def test_rmsprop_td_matches_the_authors_normaliser():
     from agentstate.optim import TDRMSProp
@@ -130,7 +126,6 @@ def test_rmsprop_td_matches_the_authors_normaliser():
         expected = expected + 0.1 * update / (second_moment.sqrt() + 1e-8)
     torch.testing.assert_close(param, expected)
 
-
 @pytest.mark.parametrize(
     ("optimizer", "head_step_size"), [("sgd", 0.05), ("rmsprop_td", 0.05), ("adam", 0.003)]
 )
@@ -146,7 +141,6 @@ def test_every_optimizer_learns_a_constant_cumulant(optimizer, head_step_size):
         prediction = engine.step(x, c)
     torch.testing.assert_close(prediction, torch.full_like(prediction, 2.0), atol=0.05, rtol=0)
 
-
 def test_bad_input_is_refused_with_a_clear_message():
     engine = TDPredictor(make_learner(), 1, TDConfig())
     x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
@@ -158,7 +152,6 @@ def test_bad_input_is_refused_with_a_clear_message():
         engine.step(x, torch.full((STREAMS, 1), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="optimizer"):
         TDConfig(optimizer="lbfgs")
-
 
 def test_state_dict_round_trip_continues_identically():
     inputs, cumulants = random_stream(20)
@@ -174,7 +167,6 @@ def test_state_dict_round_trip_continues_identically():
             rtol=0,
             atol=0,
         )
-
 
 def test_engine_follows_a_constructive_learner_across_stages():
     learner = agentstate.make_learner(
@@ -199,19 +191,17 @@ def test_engine_follows_a_constructive_learner_across_stages():
     )
     assert engine.optimizer.param_groups[1]["params"][0] is learner.params["weight"]
 
-
 def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
     """Resetting replaces no tensor the kernel is bound to, so it is not bound again."""
-    from agentstate import fused
 
-    if fused.load_library() is None:
+    if fused.load_kernel(COLUMNS_KERNEL) is None:
         pytest.skip("no C++ compiler: the fused kernel cannot be built")
     binds = []
     bind = fused.FusedTDStep._bind
 
-    def counting_bind(self, layout):
+    def counting_bind(self, engine, layout):
         binds.append(layout)
-        bind(self, layout)
+        bind(self, engine, layout)
 
     monkeypatch.setattr(fused.FusedTDStep, "_bind", counting_bind)
     learner = agentstate.make_learner("columnar", 3, streams=4, n_features=2, seed=0)
@@ -224,12 +214,10 @@ def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
     assert all(part is before for part, before in zip(learner.carry, carry, strict=True))
     assert torch.count_nonzero(learner.sensitivity_h[1]) > 0  # one step since its reset
 
-
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_agent_state_is_what_the_heads_read(backend):
-    from agentstate import fused
 
-    if backend == "fused" and fused.load_library() is None:
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
         pytest.skip("no C++ compiler: the fused kernel cannot be built")
     learner = agentstate.make_learner("elstm", 3, streams=2, n_features=4, seed=0)
     twin = agentstate.make_learner("elstm", 3, streams=2, n_features=4, seed=0)
@@ -244,14 +232,12 @@ def test_agent_state_is_what_the_heads_read(backend):
         predictor.step(x, torch.zeros(2, 1))
         torch.testing.assert_close(predictor.agent_state, twin.step(x))
 
-
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_head_predictions_are_what_the_next_step_predicts(backend):
     """``head_predictions`` of the state a step would reach equals that step's prediction
     (normalisers, heads and all), and neither learns nor moves the statistics."""
-    from agentstate import fused
 
-    if backend == "fused" and fused.load_library() is None:
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
         pytest.skip("no C++ compiler: the fused kernel cannot be built")
     learner = agentstate.make_learner("columnar", INPUTS, streams=STREAMS, seed=1, n_features=3)
     predictor = TDPredictor(learner, 2, TDConfig(backend=backend, include_observation=True))
@@ -268,3 +254,25 @@ def test_head_predictions_are_what_the_next_step_predicts(backend):
     for key, value in before.items():
         assert torch.equal(predictor.state_dict()[key], value), key
     torch.testing.assert_close(predictor.step(x, torch.zeros(STREAMS, 2)), expected)
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_reading_the_agent_state_never_changes_the_learner(backend):
+    """Not even right after a stage's last step, where the next step starts a new stage."""
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    learner = agentstate.make_learner(
+        "ccn", INPUTS, streams=STREAMS, n_features=4, columns_per_stage=2, steps_per_stage=5
+    )
+    predictor = TDPredictor(learner, 1, TDConfig(backend=backend))
+    inputs, cumulants = random_stream(6)
+    for t in range(5):
+        predictor.step(inputs[t].float(), cumulants[t].float())
+    weight, state = learner.params["weight"], learner.state_dict()
+    for _ in range(3):
+        predictor.agent_state  # noqa: B018
+        learner.fused_layout()
+    assert (learner.active_stage, learner.steps_in_stage) == (0, 5)
+    assert learner.params["weight"] is weight
+    torch.testing.assert_close(learner.state_dict()["params"], state["params"])
+    predictor.step(inputs[5].float(), cumulants[5].float())
+    assert (learner.active_stage, learner.steps_in_stage) == (1, 1)

@@ -1,4 +1,4 @@
-"""``agentstate bench``: µs per stream-step of every issue-6 case, side by side in one run."""
+"""``agentstate bench``: µs per stream-step of every target case, side by side in one run."""
 
 from __future__ import annotations
 

@@ -422,16 +422,21 @@ struct Engine {
   }
 
   // The optimiser of the learner's parameter `parameter` (its position in the layout's
-  // parameters()), and that parameter's traces [K, B, ...].
+  // parameters()), and that parameter's traces [K, B, ...]. Only while td.train_learner:
+  // otherwise the engine passes neither.
   ParameterOptimizer<T> learner_optimizer(index parameter = 0) const {
     return ParameterOptimizer<T>(td.optimizer, td.learner_lr,
-                                 static_cast<void**>(td.learner_states_a)[parameter],
-                                 static_cast<void**>(td.learner_states_b)[parameter],
-                                 static_cast<void**>(td.learner_steps)[parameter]);
+                                 learner_array(td.learner_states_a, parameter),
+                                 learner_array(td.learner_states_b, parameter),
+                                 learner_array(td.learner_steps, parameter));
   }
 
   T* learner_trace(index parameter = 0) const {
-    return static_cast<T*>(static_cast<void**>(td.learner_traces)[parameter]);
+    return static_cast<T*>(learner_array(td.learner_traces, parameter));
+  }
+
+  static void* learner_array(void* array, index parameter) {
+    return array == nullptr ? nullptr : static_cast<void**>(array)[parameter];
   }
 };
 

@@ -10,7 +10,7 @@ namespace {
 // ------------------------------------------------------------------ columns (columnar, CCN)
 // Ask for the entries `PREFETCH_BYTES` past this block of each array: with short rows the
 // hardware prefetcher alone falls behind once the arrays live in main memory, and with long
-// ones 16 KB ahead beat 4 KB by 10-15% (1 KB and 32 KB measured too).
+// ones a longer look-ahead pays (benchmarks/README.md has the measurements).
 constexpr index PREFETCH_BYTES = 16384;
 
 template <typename T>

@@ -7,17 +7,26 @@ Per feature j (n features, input size d)::
 
 The recurrence is diagonal and ``leak`` is fixed, so the sensitivity of ``h_j`` to row j of
 ``[W | b]`` obeys ``S_t = leak S_t-1 + (1 - leak)(1 - a^2) [x_t, 1]``: exact and O(n d).
+
+The learner also ships its compiled TD step, ``leaky_echo.cpp``, through the same contract the
+built-in learners use (``agentstate.fused``): ``fused_layout()`` names the kernel and the
+tensors it advances in place, and a ``TDPredictor`` (or the SB3 wrapper) then runs the whole
+TD step of every stream in one call instead of the eager torch ops.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 import agentstate
+from agentstate.fused import Kernel, struct_arguments
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,55 @@ class LeakyEcho(agentstate.StateLearner):
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity": self.sensitivity}
+
+    def fused_layout(self) -> LeakyEchoLayout:
+        """The tensors the compiled TD step (``leaky_echo.cpp``) advances in place."""
+        return LeakyEchoLayout(
+            self.params["weight"], self.carry, self.sensitivity, float(self.config.leak)
+        )
+
+
+class LeakyEchoArgs(ctypes.Structure):
+    """The kernel's own arguments; ``agentstate.fused`` generates the C++ struct from this."""
+
+    _fields_ = [
+        ("leak", ctypes.c_double),
+        ("weight", ctypes.c_void_p),
+        ("h", ctypes.c_void_p),
+        ("sensitivity", ctypes.c_void_p),
+    ]
+
+
+LEAKY_ECHO_KERNEL = Kernel(
+    entry="td_leaky_echo",
+    sources=(Path(__file__).with_name("leaky_echo.cpp"),),
+    args_type=LeakyEchoArgs,
+)
+
+
+class LeakyEchoLayout(NamedTuple):
+    """What the compiled step reads and writes: ``weight: [P, n, d + 1]``, ``carry: (h,)``
+    with ``h: [B, n]``, ``sensitivity: [B, n, d + 1]``."""
+
+    weight: Tensor
+    carry: tuple[Tensor, ...]
+    sensitivity: Tensor
+    leak: float
+
+    kernel = LEAKY_ECHO_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        return (self.weight,)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.weight, *self.carry, self.sensitivity)
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        (h,) = self.carry
+        return struct_arguments(LeakyEchoArgs, dtype, {**self._asdict(), "h": h})
+
+    def agent_state(self) -> Tensor:
+        return self.carry[0]
 
 
 @agentstate.hookimpl
