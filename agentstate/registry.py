@@ -1,14 +1,12 @@
 """The plugin manager: loads learner plugins from the ``agentstate`` entry-point group.
 
 Built-in learners are entry points of the ``agentstate`` distribution itself, exactly as a
-third party's would be. When the package runs from a source tree without installed metadata,
-the built-in modules are registered directly (the same hook implementations).
+third party's would be.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.metadata
 import warnings
 from dataclasses import dataclass
@@ -21,10 +19,6 @@ from agentstate import hookspecs
 from agentstate.learner import StateLearner
 
 ENTRY_POINT_GROUP = "agentstate"
-BUILTIN_PLUGINS = {
-    name: f"agentstate.plugins.{name}"
-    for name in ("columnar", "ccn", "elstm", "tbptt", "uoro", "rtrl", "snap1")
-}
 
 
 @dataclass(frozen=True)
@@ -89,14 +83,6 @@ class LearnerRegistry:
                 self._report(entry_point.name, distribution, error)
                 continue
             self._register(plugin, entry_point.name, distribution)
-        for name, module_name in BUILTIN_PLUGINS.items():
-            if name not in seen:
-                try:
-                    plugin = importlib.import_module(module_name)
-                except Exception as error:
-                    self._report(name, "agentstate", error)
-                    continue
-                self._register(plugin, name, "agentstate")
         self.plugin_manager.check_pending()
 
     def _register(self, plugin: Any, name: str, distribution: str) -> None:
