@@ -9,6 +9,7 @@ import numpy as np
 
 from agentstate.td import TDPredictor
 from agentstate.wrappers.core import AgentStateCore
+from agentstate.wrappers.statistics import StatisticsTotals
 
 
 class AgentStateControls:
@@ -62,6 +63,29 @@ class AgentStateControls:
     def predictions(self) -> np.ndarray:
         """``[streams, n_cumulants]`` head predictions at the last observations."""
         return self.core.predictions.copy()
+
+    @property
+    def cumulant_groups(self) -> dict[str, slice]:
+        """Group name (``reward``, ``observation``, ``cumulant``) -> its heads' columns."""
+        return dict(self.core.cumulants.groups)
+
+    def enable_statistics(self) -> None:
+        """Start accumulating the learner's statistics (``agentstate.wrappers.statistics``).
+
+        They add about 10% to the step time; ``agentstate.sb3.AgentStateLoggerCallback``
+        turns them on.
+        """
+        self.core.enable_statistics()
+
+    def statistics_totals(self) -> StatisticsTotals:
+        """The running sums of the statistics (``summarize(later - earlier, groups)``).
+
+        Raises:
+            RuntimeError: ``enable_statistics`` was not called.
+        """
+        if self.core.statistics is None:
+            raise RuntimeError("statistics are off: call enable_statistics() first")
+        return self.core.statistics.totals()
 
     def state_dict(self) -> dict[str, Any]:
         """Learner, heads, normalisers, traces, optimiser and step counters."""

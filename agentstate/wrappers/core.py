@@ -29,6 +29,7 @@ non-finite raises ``LearnerDivergedError`` before anything reaches the policy.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from agentstate.td import TDConfig, TDPredictor
 from agentstate.wrappers.cumulants import Cumulants
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
 from agentstate.wrappers.settings import AgentStateSettings
+from agentstate.wrappers.statistics import LearnerStatistics
 
 STATE_FORMAT = "agentstate.wrapper/1"
 NONFINITE_INFO_KEY = "agent_state_nonfinite"
@@ -163,6 +165,7 @@ class AgentStateCore:
         learning: whether the learner is trained.
         state: ``[B, n_features]`` agent state of the last step.
         predictions: ``[B, n_cumulants]`` head predictions of the last step.
+        statistics: the learner's running statistics, once ``enable_statistics`` was called.
 
     Example:
         >>> import numpy as np
@@ -216,6 +219,7 @@ class AgentStateCore:
         self.predictions = np.zeros((streams, self.cumulants.size))
         self.total_steps = 0
         self.episode_steps = np.zeros(streams, dtype=np.int64)
+        self.statistics: LearnerStatistics | None = None
         self._divergence: str | None = None
 
     # ---------------------------------------------------------------- spaces and shapes
@@ -251,9 +255,21 @@ class AgentStateCore:
             self.learner.carry = carry
         self.learning = bool(learn)
 
+    def enable_statistics(self) -> LearnerStatistics:
+        """Start accumulating the learner's statistics (``LearnerStatistics``); idempotent."""
+        if self.statistics is None:
+            self.statistics = LearnerStatistics(self.streams, self.cumulants.size)
+            self.statistics.restart(self._last_predictions())
+        return self.statistics
+
+    def _last_predictions(self) -> np.ndarray | None:
+        """The predictions the next step's TD error starts from, if any were made."""
+        return self.predictions if self.total_steps > 0 else None
+
     # ---------------------------------------------------------------- the step
     def step(self, batch: StepBatch) -> StepResult:
         """Advance every stream by one observation (see the module docstring)."""
+        started = time.perf_counter()
         if self._divergence is not None:
             raise LearnerDivergedError(self._divergence)
         streams, gamma = self.streams, self.settings.gamma
@@ -307,6 +323,19 @@ class AgentStateCore:
         state, predictions = self._advance(x, cumulant, discount_tensor, episode_start)
         self._check(state, predictions, "observation")
         self.state, self.predictions = state, predictions
+        if self.statistics is not None:
+            skipped_streams = np.zeros(streams, dtype=bool)
+            skipped_streams[list(nonfinite)] = True
+            self.statistics.record(
+                cumulant=cumulant.numpy(),
+                discount=discount,
+                predictions=predictions,
+                state=state,
+                episode_start=episode_start,
+                skipped=skipped_streams,
+                terminated=np.asarray(batch.terminated, dtype=bool).reshape(streams),
+                seconds=time.perf_counter() - started,
+            )
         self.total_steps += 1
         self.episode_steps = np.where(fresh, 0, self.episode_steps + 1)
 
@@ -540,6 +569,9 @@ class AgentStateCore:
             self.engine.load_state_dict(_shared_engine_state(saved["engine"], self.engine))
             self.total_steps = int(saved["total_steps"])
             self.episode_steps[:] = 0
+        if self.statistics is not None:
+            same_streams = saved["streams"] == self.streams
+            self.statistics.restart(self._last_predictions() if same_streams else None)
         self._divergence = None
 
 

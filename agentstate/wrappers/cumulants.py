@@ -26,6 +26,9 @@ class Cumulants:
         names: one name per cumulant (``reward``, observation component names,
             ``cumulant[k]``).
         needs_info: whether the cumulants read each stream's ``info`` dict.
+        groups: group name -> the columns of its cumulants: ``"reward"`` and
+            ``"observation"`` (all encoded components together), or ``"cumulant"`` (every
+            entry of a callable's array).
 
     Example:
         >>> import numpy as np
@@ -35,6 +38,8 @@ class Cumulants:
         >>> cumulants = Cumulants("reward+observation", space, make_space_encoder(space, "o"))
         >>> cumulants.names
         ['reward', 'o==0', 'o==1']
+        >>> cumulants.groups
+        {'reward': slice(0, 1, None), 'observation': slice(1, 3, None)}
         >>> cumulants(np.array([1]), np.array([[0.0, 1.0]]), np.array([0.5]), None).tolist()
         [[0.5, 0.0, 1.0]]
     """
@@ -53,10 +58,18 @@ class Cumulants:
             if size == 0:
                 raise ValueError("the cumulant callable returned an empty array")
             self.names = [f"cumulant[{k}]" for k in range(size)]
+            self.groups: dict[str, slice] = {"cumulant": slice(0, size)}
         else:
-            self.names = (["reward"] if "reward" in kind else []) + (
+            reward = ["reward"] if "reward" in kind else []
+            observation = (
                 list(observation_encoder.component_names) if "observation" in kind else []
             )
+            self.names = reward + observation
+            self.groups = {}
+            if reward:
+                self.groups["reward"] = slice(0, 1)
+            if observation:
+                self.groups["observation"] = slice(len(reward), len(self.names))
         self.needs_info = callable(kind)
 
     @property
