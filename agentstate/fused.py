@@ -335,7 +335,8 @@ _C_TYPES = {ctypes.c_int64: "int64_t", ctypes.c_double: "double", ctypes.c_void_
 def c_declarations(*structs: type[ctypes.Structure]) -> str:
     """C++ declarations of the engine's structs and ``structs`` (the ``kernel_args.h``)."""
     lines = ["#pragma once", "#include <cstdint>"]
-    for struct in (OptimizerArgs, TDArgs, *structs):
+    declared: tuple[type[ctypes.Structure], ...] = (OptimizerArgs, TDArgs, *structs)
+    for struct in declared:
         lines.append(f"struct {struct.__name__} {{")
         for name, field_type, *_ in struct._fields_:
             c_type = _C_TYPES.get(field_type, field_type.__name__)
@@ -673,7 +674,7 @@ class FusedTDStep:
         if engine.train_learner:
             states = [engine.learner_optimizer_states[key] for key in keys]
             steps += [state[2] for state in states]
-            columns = {
+            columns: dict[str, list[Tensor | None]] = {
                 "learner_traces": [engine.learner_traces[key] for key in keys],
                 "learner_states_a": [state[0] for state in states],
                 "learner_states_b": [state[1] for state in states],

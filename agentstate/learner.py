@@ -40,6 +40,7 @@ class StateLearner(abc.ABC):
     Attributes:
         name: registered learner name.
         exact: whether ``grad`` is the exact gradient (matches BPTT over the whole history).
+        state_bound: a bound on ``|h|`` entries, or None.
         input_size: size ``d`` of each stream's input vector.
         streams: number of streams ``B``.
         independent_params: parameters shaped ``[B, ...]`` (True) or ``[1, ...]`` (False).
@@ -50,6 +51,9 @@ class StateLearner(abc.ABC):
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    state_bound: ClassVar[float | None] = None
+    """Every entry of the agent state lies in ``[-state_bound, state_bound]``; None: no
+    bound but finiteness (a wrapper declares the observation space from it)."""
 
     def __init__(
         self,

@@ -186,6 +186,7 @@ class CCNLearner(StateLearner):
 
     name = "ccn"
     exact = True
+    state_bound = 1.0  # h = o tanh(c): every entry in [-1, 1]
 
     def __init__(self, input_size: int, config: CCNConfig, **options: Any) -> None:
         super().__init__(input_size, config, **options)

@@ -149,6 +149,7 @@ class ColumnarLearner(StateLearner):
 
     name = "columnar"
     exact = True
+    state_bound = 1.0  # h = o tanh(c): every entry in [-1, 1]
 
     def __init__(self, input_size: int, config: ColumnarConfig, **options) -> None:  # type: ignore[no-untyped-def]
         super().__init__(input_size, config, **options)

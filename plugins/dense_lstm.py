@@ -352,6 +352,8 @@ class DenseLSTMLearner(StateLearner):
     the same network. Subclasses add the credit-assignment rule.
     """
 
+    state_bound = 1.0  # h = o tanh(c): every entry in [-1, 1]
+
     def __init__(self, input_size: int, config: DenseLSTMConfig, **options: Any) -> None:
         super().__init__(input_size, config, **options)
         n_units = config.n_features

@@ -101,6 +101,7 @@ class ELSTMLearner(StateLearner):
 
     name = "elstm"
     exact = True
+    state_bound = 1.0  # h = sigmoid(.) c with |c| <= 1
 
     def __init__(self, input_size: int, config: ELSTMConfig, **options: Any) -> None:
         super().__init__(input_size, config, **options)

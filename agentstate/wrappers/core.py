@@ -49,9 +49,6 @@ from agentstate.wrappers.statistics import LearnerStatistics
 
 STATE_FORMAT = "agentstate.wrapper/1"
 NONFINITE_INFO_KEY = "agent_state_nonfinite"
-BOUNDED_STATE_LEARNERS = frozenset({"columnar", "ccn", "elstm", "rtrl", "tbptt", "uoro", "snap1"})
-"""LSTM-family learners: ``h = o tanh(c)`` or ``sigmoid(.) c`` with ``|c| <= 1``, so
-``h`` lies in [-1, 1]. Any other learner's state is bounded only by finiteness."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -210,10 +207,10 @@ class AgentStateCore:
         )
         config = TDConfig(**settings.td_config_options())
         self.engine = TDPredictor(self.learner, self.cumulants.size, config)
-        bounded = settings.learner in BOUNDED_STATE_LEARNERS
-        self._state_limit = 1.0 if bounded else FLOAT32_MAX
+        bound = self.learner.state_bound  # the learner's own word on the range of h
+        self._state_limit = FLOAT32_MAX if bound is None else float(bound)
         self._numpy_dtype = np.float32 if self.learner.dtype == torch.float32 else np.float64
-        self.observation_space = self._augmented_space(np.inf if not bounded else 1.0)
+        self.observation_space = self._augmented_space(np.inf if bound is None else float(bound))
         self.learning = settings.learn
         self.state = np.zeros((streams, self.learner.n_features), dtype=np.float32)
         self.predictions = np.zeros((streams, self.cumulants.size))
