@@ -1,0 +1,660 @@
+"""A streaming actor-critic whose recurrent state is trained by the RL objective through RTRL.
+
+Any registered state learner is the recurrent core; a linear critic and a linear actor read
+its agent state ``h_t`` (and, optionally, the observation). Every step, every env of a
+vector env (the streams, one shared network) is updated by AC(lambda) with eligibility traces
+(Lemmel & Grosu 2025; Elsayed, Vasan & Mahmood 2024), with no replay, no batch and no
+back-propagation through time: the core's gradient comes from ``learner.grad``.
+
+Per stream, with ``phi_t = [h_t, x^_t?, 1]``, ``v_t = w . phi_t`` and the policy ``pi``
+(softmax of ``W phi_t`` for discrete actions; a Gaussian with mean ``W phi_t`` and a learned
+state-independent log-std for boxes)::
+
+    z_w    <- gamma lambda z_w + phi_t                           (critic head)
+    z_W    <- gamma lambda z_W + d log pi(a_t | s_t) / dW        (actor head)
+    z_core <- gamma lambda z_core + learner.grad(dv_t/dh_t + d log pi(a_t|s_t)/dh_t)
+    delta_t = r~_t+1 + gamma v(s_t+1) - v_t                      (v = 0 past a termination)
+    each group += obgd(alpha, kappa, delta_t, z)                  (agentstate.rl.streaming)
+    W += alpha_W' tau dH(pi(s_t))/dW                              (entropy bonus, heads only)
+
+``learner.grad`` is linear in its argument, so one call per step gives the core's share of the
+critic's and the actor's gradients; the core's trace is exact RTRL for exact learners
+(``tests/test_actor_critic.py`` checks it against autograd BPTT through ``functional_step``).
+Observations are normalised by their running mean and variance and rewards scaled by the
+running std of the discounted return (Elsayed et al.); a truncated episode bootstraps from its
+last observation. The learner sees ``[x^_t, a_t-1]`` (``a_t-1`` one-hot for discrete actions,
+0 at an episode's start).
+
+The class follows Stable-Baselines3's algorithm conventions: ``learn`` with callbacks and a
+progress bar, ``predict`` with RecurrentPPO's signature (``state`` carries the recurrent state
+and the previous action), ``save``/``load``, SB3's logger and ``evaluate_policy``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
+from torch import Tensor
+
+from agentstate.learner import StateLearner
+from agentstate.observation import SpaceEncoder, make_observation_encoder
+from agentstate.registry import make_learner
+from agentstate.rl.streaming import RewardScaler, RunningMeanStd, obgd_update
+from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    """Hyper-parameters of the streaming actor-critic (defaults: Elsayed et al. 2024)."""
+
+    gamma: float = 0.99
+    """Discount."""
+    lambda_: float = 0.8
+    """Trace decay."""
+    critic_step_size: float = 1.0
+    """``alpha`` of the critic head (ObGD bounds the step actually taken)."""
+    actor_step_size: float = 1.0
+    """``alpha`` of the actor head."""
+    learner_step_size: float = 0.1
+    """``alpha`` of the recurrent core."""
+    critic_kappa: float = 2.0
+    """ObGD's safety factor for the critic head."""
+    actor_kappa: float = 3.0
+    """ObGD's safety factor for the actor head."""
+    learner_kappa: float = 2.0
+    """ObGD's safety factor for the core."""
+    entropy_coefficient: float = 0.01
+    """``tau``: weight of the policy's entropy bonus."""
+    normalize_observations: bool = True
+    """Normalise observations by their running mean and variance."""
+    scale_rewards: bool = True
+    """Divide rewards by the running std of the discounted return."""
+    include_observation: bool = True
+    """The heads read the normalised observation beside ``h_t``."""
+    include_prev_action: bool = True
+    """The learner reads the previous action beside the observation."""
+    initial_log_std: float = 0.0
+    """Box actions: the Gaussian's log-std at the start."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lambda_ <= 1.0:
+            raise ValueError(f"gamma and lambda_ must lie in [0, 1], got {self}")
+        for name in ("critic_step_size", "actor_step_size", "learner_step_size"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("critic_kappa", "actor_kappa", "learner_kappa"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+class RTRLPolicy(BasePolicy):
+    """The agent: recurrent core, linear heads, normalisers and eligibility traces.
+
+    ``streams`` is the number of envs it learns from; ``predict`` takes any batch of
+    observations with a recurrent ``state`` of the same batch.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        *,
+        streams: int = 1,
+        learner: str = "columnar",
+        learner_kwargs: Mapping[str, Any] | None = None,
+        config: ActorCriticConfig | Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        super().__init__(observation_space, action_space)
+        if not isinstance(action_space, spaces.Discrete | spaces.Box):
+            raise TypeError(
+                f"RTRLActorCritic acts in Discrete or Box action spaces, got {action_space}"
+            )
+        if isinstance(config, Mapping):
+            config = ActorCriticConfig(**config)
+        self.config = config or ActorCriticConfig()
+        self.streams = streams
+        self.learner_name = learner
+        self.learner_kwargs = dict(learner_kwargs or {})
+        self.value_dtype = dtype
+        self.encoder: SpaceEncoder = make_observation_encoder(observation_space, None)
+        self.observation_size = len(self.encoder.component_names)
+        self.discrete = isinstance(action_space, spaces.Discrete)
+        self.n_actions = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        action_inputs = self.n_actions if self.config.include_prev_action else 0
+        self.core: StateLearner = make_learner(
+            learner,
+            self.observation_size + action_inputs,
+            streams=streams,
+            dtype=dtype,
+            seed=seed,
+            **self.learner_kwargs,
+        )
+        observed = self.observation_size if self.config.include_observation else 0
+        self.n_head_features = self.core.n_features + observed + 1
+        zeros = torch.zeros
+        self.critic_weight = zeros(1, self.n_head_features, dtype=dtype)
+        self.actor_weight = zeros(1, self.n_actions, self.n_head_features, dtype=dtype)
+        self.log_std = torch.full((1, self.n_actions), self.config.initial_log_std, dtype=dtype)
+        self.observation_statistics = RunningMeanStd(self.observation_size)
+        self.reward_scaler = RewardScaler(streams, self.config.gamma)
+        self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+        self.reset_traces()
+
+    # ------------------------------------------------------------------ parameters
+    def head_params(self) -> dict[str, dict[str, Tensor]]:
+        """The heads' parameters by update group: ``critic`` and ``actor``."""
+        actor = {"weight": self.actor_weight}
+        if not self.discrete:
+            actor["log_std"] = self.log_std
+        return {"critic": {"weight": self.critic_weight}, "actor": actor}
+
+    def reset_traces(self) -> None:
+        """Zero every eligibility trace (and create them)."""
+        streams, dtype = self.streams, self.value_dtype
+        self.critic_trace = {"weight": torch.zeros(streams, self.n_head_features, dtype=dtype)}
+        self.actor_trace = {
+            key: torch.zeros(streams, *param.shape[1:], dtype=dtype)
+            for key, param in self.head_params()["actor"].items()
+        }
+        self.core_trace = {
+            key: torch.zeros(streams, *param.shape[1:], dtype=dtype)
+            for key, param in self.core.params.items()
+        }
+
+    # ------------------------------------------------------------------ the agent's step
+    def learner_input(self, observation: Any, previous_action: Tensor, update: bool) -> Tensor:
+        """``[x^, a_t-1]: [B, input_size]`` from raw observations ``[B, ...]``.
+
+        Args:
+            observation: a batch of observations as the env gives them.
+            previous_action: ``[B, n_actions]`` (one-hot or the action itself; 0 at a start).
+            update: fold the observations into the running statistics first.
+        """
+        encoded = torch.as_tensor(self.encoder.encode(observation, len(previous_action)))
+        if not bool(torch.isfinite(encoded).all()):
+            stream, component = (~torch.isfinite(encoded)).nonzero()[0].tolist()
+            raise NonFiniteInputError(
+                f"observation of stream {stream} holds a non-finite value in "
+                f"{self.encoder.component_names[component]!r}; clean the environment's output"
+            )
+        if self.config.normalize_observations:
+            if update:
+                self.observation_statistics.update(encoded)
+            encoded = self.observation_statistics.normalize(encoded)
+        parts = [encoded.to(self.value_dtype)]
+        if self.config.include_prev_action:
+            parts.append(previous_action)
+        return torch.cat(parts, dim=1)
+
+    def head_features(self, state: Tensor, learner_input: Tensor) -> Tensor:
+        """``phi = [h, x^?, 1]: [B, F]``."""
+        parts = [state]
+        if self.config.include_observation:
+            parts.append(learner_input[:, : self.observation_size])
+        parts.append(torch.ones_like(state[:, :1]))
+        return torch.cat(parts, dim=1)
+
+    def value(self, features: Tensor) -> Tensor:
+        """``v = w . phi: [B]``."""
+        return features @ self.critic_weight[0]
+
+    def action_scores(self, features: Tensor) -> Tensor:
+        """Logits (discrete) or the Gaussian's mean (box): ``[B, n_actions]``."""
+        return features @ self.actor_weight[0].T
+
+    def sample(self, scores: Tensor, deterministic: bool) -> Tensor:
+        """Actions ``[B]`` (discrete, int64) or ``[B, n_actions]`` (box)."""
+        if self.discrete:
+            if deterministic:
+                return scores.argmax(1)
+            return torch.multinomial(scores.softmax(1), 1, generator=self.generator)[:, 0]
+        if deterministic:
+            return scores
+        noise = torch.randn(scores.shape, generator=self.generator, dtype=scores.dtype)
+        return scores + self.log_std.exp() * noise
+
+    def action_input(self, action: Tensor) -> Tensor:
+        """The learner's encoding of actions: one-hot ``[B, A]`` or the box action."""
+        if self.discrete:
+            return torch.nn.functional.one_hot(action, self.n_actions).to(self.value_dtype)
+        return action.to(self.value_dtype).reshape(len(action), -1)
+
+    def policy_gradients(
+        self, features: Tensor, scores: Tensor, action: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Gradients of ``log pi(a | s)`` and of the entropy, per stream.
+
+        Returns:
+            ``d log pi / d(actor params)`` (``[B, ...]`` each), ``d log pi / d phi: [B, F]``
+            and ``dH / d(actor params)``.
+        """
+        if self.discrete:
+            log_p = scores.log_softmax(1)
+            probabilities = log_p.exp()
+            score = self.action_input(action) - probabilities  # d log pi / d logits
+            entropy = -(probabilities * log_p).sum(1, keepdim=True)
+            entropy_score = -probabilities * (log_p + entropy)  # dH / d logits
+            return (
+                {"weight": score[:, :, None] * features[:, None, :]},
+                score @ self.actor_weight[0],
+                {"weight": entropy_score[:, :, None] * features[:, None, :]},
+            )
+        variance = torch.exp(2 * self.log_std)
+        deviation = action.to(self.value_dtype) - scores
+        mean_score = deviation / variance  # d log pi / d mean
+        return (
+            {
+                "weight": mean_score[:, :, None] * features[:, None, :],
+                "log_std": deviation**2 / variance - 1.0,
+            },
+            mean_score @ self.actor_weight[0],
+            {
+                "weight": torch.zeros_like(self.actor_weight).expand(len(features), -1, -1),
+                "log_std": torch.ones_like(deviation),
+            },
+        )
+
+    # ------------------------------------------------------------------ SB3's policy API
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not used
+        """Not used: the agent acts through ``predict`` and learns in ``RTRLActorCritic``."""
+        raise NotImplementedError("RTRLPolicy acts through predict()")
+
+    def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
+        raise NotImplementedError("RTRLPolicy is recurrent: call predict() with its state")
+
+    def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The recurrent state of ``batch`` fresh episodes.
+
+        The learner's carry, then the previous action (zeros).
+        """
+        carry = self.core.initial_carry()
+        parts = [part[:1].expand(batch, *part.shape[1:]).numpy().copy() for part in carry]
+        return (*parts, np.zeros((batch, self.n_actions)))
+
+    def predict(  # type: ignore[override]
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Actions for a batch of observations, and the next recurrent state.
+
+        RecurrentPPO's signature: ``state`` is what the previous call returned (None: fresh
+        episodes); ``episode_start: [batch]`` marks observations that start an episode. Nothing
+        is learned and no statistics move.
+        """
+        single = not _is_batched(observation, self.observation_space)
+        batch_observation = _add_batch_axis(observation) if single else observation
+        batch = _batch_size(batch_observation)
+        if state is None:
+            state = self.initial_state(batch)
+        starts = np.zeros(batch, dtype=bool) if episode_start is None else np.asarray(episode_start)
+        fresh = self.initial_state(batch)
+        state = tuple(
+            np.where(starts.reshape(-1, *([1] * (np.ndim(part) - 1))), start, part)
+            for part, start in zip(state, fresh, strict=True)
+        )
+        carry = tuple(torch.as_tensor(part, dtype=self.value_dtype) for part in state[:-1])
+        previous_action = torch.as_tensor(state[-1], dtype=self.value_dtype)
+        with torch.no_grad():
+            x = self.learner_input(batch_observation, previous_action, update=False)
+            carry, h = self.core.functional_step(self.core.params, carry, x)
+            scores = self.action_scores(self.head_features(h, x))
+            action = self.sample(scores, deterministic)
+        next_state = (*(part.numpy() for part in carry), self.action_input(action).numpy())
+        actions = self._env_actions(action)
+        return (actions[0] if single else actions), next_state
+
+    def _env_actions(self, action: Tensor) -> np.ndarray:
+        """What the env receives: indices, or the box action clipped to its bounds."""
+        if self.discrete:
+            return action.numpy()
+        assert isinstance(self.action_space, spaces.Box)
+        shaped = action.numpy().reshape(len(action), *self.action_space.shape)
+        return np.clip(shaped, self.action_space.low, self.action_space.high)
+
+    # ------------------------------------------------------------------ save and load
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """Everything the agent learned: core, heads, statistics, traces, random state."""
+        return {
+            "config": asdict(self.config),
+            "learner": self.core.state_dict(),
+            "critic_weight": self.critic_weight.clone(),
+            "actor_weight": self.actor_weight.clone(),
+            "log_std": self.log_std.clone(),
+            "observation_statistics": self.observation_statistics.state_dict(),
+            "reward_scaler": self.reward_scaler.state_dict(),
+            "critic_trace": {k: v.clone() for k, v in self.critic_trace.items()},
+            "actor_trace": {k: v.clone() for k, v in self.actor_trace.items()},
+            "core_trace": {k: v.clone() for k, v in self.core_trace.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(  # type: ignore[override]
+        self, state: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Restore ``state_dict()``; one saved with other settings is refused."""
+        if state["config"] != asdict(self.config):
+            raise ValueError(
+                f"cannot load an actor-critic saved with {state['config']} into one with "
+                f"{asdict(self.config)}"
+            )
+        self.core.load_state_dict(state["learner"])
+        for name in ("critic_weight", "actor_weight", "log_std"):
+            getattr(self, name).copy_(state[name])
+        self.observation_statistics.load_state_dict(state["observation_statistics"])
+        self.reward_scaler.load_state_dict(state["reward_scaler"])
+        self.reset_traces()
+        for name in ("critic_trace", "actor_trace", "core_trace"):
+            for key, trace in getattr(self, name).items():
+                trace.copy_(state[name][key])
+        self.generator.set_state(state["generator"])
+        return None
+
+
+class RTRLActorCritic(BaseAlgorithm):
+    """Streaming actor-critic over any state learner, its core trained through RTRL.
+
+    Example:
+        >>> import gymnasium as gym
+        >>> from agentstate.rl import RTRLActorCritic
+        >>> model = RTRLActorCritic(gym.make("CartPole-v1"), learner="columnar",
+        ...                         learner_kwargs={"n_features": 4}, seed=0)
+        >>> model = model.learn(200)
+        >>> action, state = model.predict(model.env.reset(), deterministic=True)
+        >>> action.shape
+        (1,)
+
+    Args:
+        env: a Gymnasium env, an SB3 ``VecEnv`` (its envs are the streams) or an env id.
+        learner: a registered state learner name (the recurrent core).
+        learner_kwargs: its keyword arguments (e.g. ``{"n_features": 16}``).
+        config: ``ActorCriticConfig`` or its fields as a mapping.
+        log_interval: steps between two dumps of the logger (``rollout/`` and ``train/``).
+        torch_threads: torch's intra-op threads while learning (the agent's tensors are tiny;
+            a thread pool only adds synchronisation).
+        seed, verbose, tensorboard_log, device: as in SB3 (the agent runs on the CPU).
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"RTRLPolicy": RTRLPolicy}
+    policy: RTRLPolicy
+
+    def __init__(
+        self,
+        env: GymEnv | str | None,
+        learner: str = "columnar",
+        learner_kwargs: Mapping[str, Any] | None = None,
+        config: ActorCriticConfig | Mapping[str, Any] | None = None,
+        policy: str | type[RTRLPolicy] = "RTRLPolicy",
+        log_interval: int = 1000,
+        torch_threads: int = 1,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate=0.0,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            support_multi_env=True,
+            seed=seed,
+            supported_action_spaces=(spaces.Discrete, spaces.Box),
+        )
+        self.learner = learner
+        self.learner_kwargs = dict(learner_kwargs or {})
+        if isinstance(config, Mapping):
+            config = ActorCriticConfig(**config)
+        self.config = config or ActorCriticConfig()
+        self.log_interval = log_interval
+        self.torch_threads = torch_threads
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space,
+            self.action_space,
+            streams=self.n_envs,
+            learner=self.learner,
+            learner_kwargs=self.learner_kwargs,
+            config=self.config,
+            seed=self.seed,
+        )
+        self._episode_starts = np.ones(self.n_envs, dtype=bool)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_episode_starts", "_step_state"]
+
+    # ------------------------------------------------------------------ learning
+    def learn(  # type: ignore[override]
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int | None = None,
+        tb_log_name: str = "RTRLActorCritic",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> RTRLActorCritic:
+        """Learn online for ``total_timesteps`` env steps (summed over the envs)."""
+        if log_interval is not None:
+            self.log_interval = log_interval
+        total_timesteps, callback = self._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        callback.on_training_start(locals(), globals())
+        if reset_num_timesteps or getattr(self, "_step_state", None) is None:
+            self._start_episodes()
+        started, last_dump = time.perf_counter(), self.num_timesteps
+        callback.on_rollout_start()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads)  # tiny tensors: threads only synchronise
+        try:
+            while self.num_timesteps < total_timesteps:
+                infos, dones = self._step()
+                self.num_timesteps += self.n_envs
+                self._update_info_buffer(infos, dones)
+                callback.update_locals({"infos": infos, "dones": dones})
+                if not callback.on_step():
+                    break
+                if self.num_timesteps - last_dump >= self.log_interval:
+                    self._dump_logs(started)
+                    last_dump = self.num_timesteps
+        finally:
+            torch.set_num_threads(threads)
+        callback.on_rollout_end()
+        callback.on_training_end()
+        return self
+
+    def _start_episodes(self) -> None:
+        """Reset the envs and take every stream's first step of the core."""
+        assert self.env is not None
+        policy = self.policy
+        observation = self._last_obs  # _setup_learn has just reset the envs
+        policy.core.reset()
+        policy.reset_traces()
+        no_action = torch.zeros(self.n_envs, policy.n_actions, dtype=policy.value_dtype)
+        x = policy.learner_input(observation, no_action, update=True)
+        h = policy.core.step(x)
+        self._step_state = (x, h)
+        self._sums = {"delta_squared": 0.0, "steps": 0, "value": 0.0}
+
+    def _step(self) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """One transition of every env, and one AC(lambda) update from it."""
+        assert self.env is not None
+        policy, config = self.policy, self.config
+        x, h = self._step_state
+        features = policy.head_features(h, x)
+        value = policy.value(features)
+        scores = policy.action_scores(features)
+        action = policy.sample(scores, deterministic=False)
+        log_pi, dlog_pi_dphi, entropy_gradient = policy.policy_gradients(features, scores, action)
+
+        # Traces with the gradients at s_t, before the core moves on.
+        decay = config.gamma * config.lambda_
+        n = policy.core.n_features
+        core_gradient = policy.core.grad(policy.critic_weight[:, :n] + dlog_pi_dphi[:, :n])
+        _accumulate(policy.critic_trace, {"weight": features}, decay)
+        _accumulate(policy.actor_trace, log_pi, decay)
+        _accumulate(policy.core_trace, core_gradient, decay)
+
+        observation, reward, dones, infos = self.env.step(policy._env_actions(action))
+        dones = np.asarray(dones, dtype=bool)
+        truncated = np.array([bool(info.get("TimeLimit.truncated", False)) for info in infos])
+        done = torch.as_tensor(dones)
+        reward_t = torch.as_tensor(np.asarray(reward, dtype=np.float64))
+        if not bool(torch.isfinite(reward_t).all()):
+            stream = int((~torch.isfinite(reward_t)).nonzero()[0, 0])
+            raise NonFiniteInputError(f"reward of stream {stream} is not finite at step "
+                                      f"{self.num_timesteps}; clean the environment's output")
+        scaled_reward = (
+            policy.reward_scaler.scale(reward_t, done) if config.scale_rewards else reward_t
+        ).to(policy.value_dtype)
+
+        previous_action = policy.action_input(action)
+        bootstrap = self._bootstrap_values(infos, truncated, previous_action)
+        # The next observation: a new episode's first where an episode ended.
+        previous_action = torch.where(done[:, None], 0.0, previous_action)
+        x_next = policy.learner_input(observation, previous_action, update=True)
+        if dones.any():
+            policy.core.reset(done)
+        h_next = policy.core.step(x_next)
+        if not bool(torch.isfinite(h_next).all()):
+            raise LearnerDivergedError(
+                f"the recurrent core's state is not finite at step {self.num_timesteps}"
+            )
+        next_value = policy.value(policy.head_features(h_next, x_next))
+        next_value = torch.where(done, bootstrap, next_value)
+        td_error = scaled_reward + config.gamma * next_value - value
+        self._update(td_error, entropy_gradient)
+        if dones.any():  # credit never crosses an episode boundary
+            for traces in (policy.critic_trace, policy.actor_trace, policy.core_trace):
+                for trace in traces.values():
+                    trace[done] = 0.0
+        self._step_state = (x_next, h_next)
+        self._sums["delta_squared"] += float((td_error**2).mean())
+        self._sums["value"] += float(value.mean())
+        self._sums["steps"] += 1
+        return list(infos), dones
+
+    def _bootstrap_values(
+        self, infos: Any, truncated: np.ndarray, previous_action: Tensor
+    ) -> Tensor:
+        """``v`` of the last observation of truncated episodes (0 for terminated ones)."""
+        policy = self.policy
+        values = torch.zeros(self.n_envs, dtype=policy.value_dtype)
+        if not truncated.any():
+            return values
+        streams = np.flatnonzero(truncated)
+        last = np.stack([infos[b]["terminal_observation"] for b in streams])
+        x = policy.learner_input(last, previous_action[streams], update=False)
+        carry = tuple(part[streams] for part in policy.core.carry)
+        with torch.no_grad():
+            _, h = policy.core.functional_step(policy.core.params, carry, x)
+        values[streams] = policy.value(policy.head_features(h, x))
+        return values
+
+    def _update(self, td_error: Tensor, entropy_gradient: Mapping[str, Tensor]) -> None:
+        """ObGD steps of the heads and the core; refused whole if anything is not finite."""
+        policy, config = self.policy, self.config
+        norms = [
+            sum(trace.abs().sum() for trace in traces.values())
+            for traces in (policy.critic_trace, policy.actor_trace, policy.core_trace)
+        ]
+        if not bool(torch.isfinite(td_error).all()) or not all(
+            math.isfinite(float(norm)) for norm in norms
+        ):
+            raise LearnerDivergedError(
+                f"the TD error or an eligibility trace is not finite at step "
+                f"{self.num_timesteps}; no parameter was changed (lower the step sizes)"
+            )
+        heads = policy.head_params()
+        obgd_update(heads["critic"], policy.critic_trace, td_error, config.critic_step_size,
+                    config.critic_kappa)
+        taken = obgd_update(heads["actor"], policy.actor_trace, td_error,
+                            config.actor_step_size, config.actor_kappa)
+        if config.entropy_coefficient:
+            scale = (config.entropy_coefficient * taken).to(policy.value_dtype)
+            for key, param in heads["actor"].items():
+                step = scale.view(-1, *([1] * (entropy_gradient[key].dim() - 1)))
+                param += (step * entropy_gradient[key]).mean(0, keepdim=True)
+        if config.learner_step_size and policy.core.params:
+            obgd_update(policy.core.params, policy.core_trace, td_error,
+                        config.learner_step_size, config.learner_kappa)
+
+    def _dump_logs(self, started: float) -> None:
+        sums = self._sums
+        if self.ep_info_buffer:
+            returns = [info["r"] for info in self.ep_info_buffer]
+            lengths = [info["l"] for info in self.ep_info_buffer]
+            self.logger.record("rollout/ep_rew_mean", float(np.mean(returns)))
+            self.logger.record("rollout/ep_len_mean", float(np.mean(lengths)))
+        steps = max(sums["steps"], 1)
+        self.logger.record("train/td_error_squared", sums["delta_squared"] / steps)
+        self.logger.record("train/value", sums["value"] / steps)
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        self.logger.record("time/fps", int(self.num_timesteps / elapsed))
+        self.logger.record("time/total_timesteps", self.num_timesteps)
+        self.logger.dump(step=self.num_timesteps)
+        self._sums = {"delta_squared": 0.0, "steps": 0, "value": 0.0}
+
+    # ------------------------------------------------------------------ acting
+    def predict(  # type: ignore[override]
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Actions and the next recurrent state (RecurrentPPO's signature; nothing learns)."""
+        return self.policy.predict(observation, state, episode_start, deterministic)
+
+
+def _accumulate(traces: dict[str, Tensor], gradient: Mapping[str, Tensor], decay: float) -> None:
+    """``z <- decay z + g`` in place, for every parameter."""
+    for key, trace in traces.items():
+        trace.mul_(decay).add_(gradient[key])
+
+
+def _is_batched(observation: Any, space: spaces.Space) -> bool:
+    if isinstance(space, spaces.Dict):
+        first = next(iter(space.spaces))
+        return _is_batched(observation[first], space.spaces[first])
+    if isinstance(space, spaces.Tuple):
+        return _is_batched(observation[0], space.spaces[0])
+    shape = space.shape or ()
+    return np.ndim(observation) > len(shape)
+
+
+def _add_batch_axis(observation: Any) -> Any:
+    if isinstance(observation, dict):
+        return {key: _add_batch_axis(value) for key, value in observation.items()}
+    if isinstance(observation, tuple):
+        return tuple(_add_batch_axis(value) for value in observation)
+    return np.asarray(observation)[None]
+
+
+def _batch_size(observation: Any) -> int:
+    if isinstance(observation, dict):
+        return _batch_size(next(iter(observation.values())))
+    if isinstance(observation, tuple):
+        return _batch_size(observation[0])
+    return len(observation)
