@@ -42,7 +42,9 @@ pulls ``v = [v_a; v_b]`` back through ``f``::
     grad p   = e_a (.) Re S^p + e_b (.) Im S^p          (p = nu_log, theta_log)
     grad W_1 = e_a (.) Re E + e_b (.) Im E,   grad W_2 = e_b (.) Re E - e_a (.) Im E
 
-Exact RTRL at ``O(N D)`` memory and time per step, the cost of the forward step.
+Exact RTRL at ``O(N D)`` memory and time per step, the cost of the forward step. The TD
+engine's compiled step (``kernels/rtu.cpp``, handed its tensors by ``fused_layout``) runs the
+same equations.
 
 Initialisation (the authors' public JAX code): ``r^2 ~ U[r_min^2, r_max^2]`` (uniform on the
 ring, as in the LRU) with ``r_min = 0``, ``r_max = 1``; ``theta ~ U[0, max_phase]`` with
@@ -53,14 +55,17 @@ authors' ReLU; ``tanh`` and ``linear`` are options.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from agentstate.fused import Kernel, struct_arguments
 from agentstate.hookspecs import hookimpl
 from agentstate.learner import Carry, StateLearner, zero_streams_
 from agentstate.registry import LearnerSpec
@@ -306,6 +311,94 @@ class RTULearner(StateLearner):
 
     def _credit_state(self) -> dict[str, Tensor]:
         return {"sensitivity": self.sensitivity}
+
+    def fused_layout(self) -> RTUCells:
+        """The tensors the fused TD step advances in place (``kernels/rtu.cpp``)."""
+        params = self.params
+        return RTUCells(
+            params["nu_log"],
+            params["theta_log"],
+            params["input_weight"],
+            self.carry,
+            self.sensitivity,
+            ACTIVATIONS.index(self.config.activation),
+            self.config.activation,
+        )
+
+
+# ---------------------------------------------------------------------- the compiled step
+class RTUArgs(ctypes.Structure):
+    """``RTUCells`` for ``kernels/rtu.cpp``.
+
+    ``activation`` indexes ``ACTIVATIONS``; ``parameters`` points at an array of three
+    pointers, in ``RTUCells.parameters()`` order.
+    """
+
+    _fields_ = [
+        ("activation", ctypes.c_int64),
+        ("c", ctypes.c_void_p),
+        ("sensitivity", ctypes.c_void_p),
+        ("parameters", ctypes.c_void_p),
+    ]
+
+
+RTU_KERNEL = Kernel(
+    entry="td_rtu",
+    sources=(Path(__file__).parent / "kernels" / "rtu.cpp",),
+    args_type=RTUArgs,
+)
+
+
+class RTUCells(NamedTuple):
+    """Tensors of an RTU learner advanced in place by ``RTU_KERNEL``.
+
+    ``P`` is 1 (shared) or ``B``; ``N`` units, ``D`` inputs. Its three parameters are named
+    here in the kernel's order; each has its own trace and optimiser state.
+    """
+
+    nu_log: Tensor
+    """``[P, N]``."""
+    theta_log: Tensor
+    """``[P, N]``."""
+    input_weight: Tensor
+    """``[P, 2, N, D]``: ``W_1, W_2``."""
+    carry: tuple[Tensor, ...]
+    """``(c,)``, ``[B, 2, N]``: real and imaginary parts."""
+    sensitivity: Tensor
+    """``[B, 2, N, D + 2]``: real and imaginary parts of ``[E, S^nu, S^theta]``."""
+    activation: int
+    """Index of the output nonlinearity in ``ACTIVATIONS``."""
+    activation_name: str
+    """Its name, for ``agent_state``."""
+
+    kernel = RTU_KERNEL
+
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The learner's parameters in the kernel's order."""
+        return (self.nu_log, self.theta_log, self.input_weight)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the kernel touches."""
+        return (*self.parameters(), *self.carry, self.sensitivity)
+
+    def arguments(self, dtype: torch.dtype) -> tuple[ctypes.Structure, list[Any]]:
+        """``RTUArgs`` for these tensors."""
+        (c,) = self.carry
+        return struct_arguments(
+            RTUArgs,
+            dtype,
+            {
+                "activation": self.activation,
+                "c": c,
+                "sensitivity": self.sensitivity,
+                "parameters": self.parameters(),
+            },
+        )
+
+    def agent_state(self) -> Tensor:
+        """``h = f(c)`` flattened to ``[B, 2N]`` after the last fused step (a new tensor)."""
+        h, _ = activation_and_derivative(self.activation_name, self.carry[0])
+        return h.flatten(1)
 
 
 @hookimpl
