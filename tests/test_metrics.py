@@ -1,11 +1,9 @@
 import copy
-import doctest
 import warnings
 
 import numpy as np
 import pytest
 
-from agentstate import metrics
 from agentstate.checkpoint import load_checkpoint, save_checkpoint
 from agentstate.metrics import (
     EpisodeReturnScorer,
@@ -38,10 +36,6 @@ def random_stream(rng, shape, reset_probability):
     discounts = rng.uniform(0.8, 1.0, size=shape)
     discounts[rng.random(shape) < reset_probability] = 0.0
     return cumulants, discounts
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(metrics).failed == 0
 
 
 # ---------------------------------------------------------------- discounted_returns_backward
@@ -280,7 +274,8 @@ def feed(sliding_mean, chunks, single_updates):
     ("n_values", "window", "chunk_size", "single_updates"),
     [
         (200_000, 1000, 1000, True),
-        (100_000_000, 5000, 5000, False),  # 1e8 updates, each batch within one window
+        # 1e8 updates, each batch within one window
+        pytest.param(100_000_000, 5000, 5000, False, marks=pytest.mark.expensive),
     ],
 )
 def test_sliding_mean_does_not_drift(monkeypatch, n_values, window, chunk_size, single_updates):

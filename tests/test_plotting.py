@@ -1,4 +1,3 @@
-import doctest
 import os
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from agentstate import plotting
 from agentstate.plotting import format_step_count, plot_learning_curve
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,10 +29,6 @@ def assert_readable_png(path, min_bytes=10_000):
     assert len(data) > min_bytes  # a drawn figure, not an empty canvas
     height, width, _ = imread(path).shape
     assert (width, height) == (8 * 150, 5 * 150)  # figsize (8, 5) inches at 150 dpi
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(plotting).failed == 0
 
 
 @pytest.mark.parametrize(
@@ -119,6 +113,7 @@ def test_plot_rejects_bad_input_before_writing(tmp_path, override, message):
     assert not out_path.exists()
 
 
+@pytest.mark.expensive
 def test_plot_needs_no_display_and_leaves_pyplot_alone(tmp_path):
     out_path = tmp_path / "headless.png"
     script = (
