@@ -19,6 +19,8 @@ from agentstate.checkpoint import (
 from agentstate.cli import main
 from agentstate.experiment import CHECKPOINT_NAME, RunConfig, run_experiment, run_identity
 
+DEFAULT_STEP_SIZE = RunConfig(env="trace-conditioning").step_size
+"""What a run gets without ``--lr``."""
 SMALL_RUN = [
     "trace-conditioning",
     "--steps",
@@ -55,6 +57,7 @@ def interrupted_run(config, out, *, at_step, checkpoint_every):
         run_experiment(config, out, progress=False, on_log=stop, checkpoint_every=checkpoint_every)
 
 
+@pytest.mark.expensive
 def test_resume_after_sigkill_writes_the_uninterrupted_metrics(tmp_path, capsys):
     killed = tmp_path / "killed"
     process = subprocess.Popen(
@@ -144,7 +147,7 @@ def refused(tmp_path, capsys, content, *flags):
     ("flags", "message"),
     [
         (["--learner", "tbptt"], "learner is 'columnar' there, 'tbptt' here"),
-        (["--lr", "0.5"], "step_size is 0.01 there, 0.5 here"),
+        (["--lr", "0.5"], f"step_size is {DEFAULT_STEP_SIZE} there, 0.5 here"),
         (["--env-kwarg", "isi_min=5"], "env_kwargs.isi_min is '<absent>' there, 5 here"),
     ],
 )

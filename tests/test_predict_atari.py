@@ -142,6 +142,7 @@ def test_streams_must_cycle_over_the_games():
         AtariRunConfig(games=["Pong", "Breakout"], streams=3)
 
 
+@pytest.mark.expensive
 def test_an_sb3_model_from_a_zip_plays_in_the_loop(tmp_path):
     ale_py = pytest.importorskip("ale_py")
     stable_baselines3 = pytest.importorskip("stable_baselines3")

@@ -2,12 +2,14 @@
 
 import importlib.util
 import json
+import queue
 from pathlib import Path
 
 import pytest
+import torch
 
-from agentstate.experiment import CHECKPOINT_NAME, run_experiment
-from agentstate.sweep import DONE_NAME, expand_spec, load_spec, run_sweep
+from agentstate.experiment import CHECKPOINT_NAME, RunConfig, run_experiment
+from agentstate.sweep import DONE_NAME, execute_run, expand_spec, load_spec, run_sweep
 
 TINY_SPEC = """
 [sweep]
@@ -70,7 +72,8 @@ truncation = [2, 8]
     ]
     assert all(run.config.streams == 3 and run.config.independent for run in runs)
     assert runs[3].config.learner_kwargs == {"n_features": 4, "truncation": 8}
-    assert runs[1].config.step_size == 0.01 and runs[3].config.step_size == 0.01  # default
+    default_step_size = RunConfig(env="trace-patterning").step_size
+    assert runs[1].config.step_size == 0.01 and runs[3].config.step_size == default_step_size
 
 
 def test_shared_parameter_runs_get_one_run_per_seed(tmp_path):
@@ -97,30 +100,63 @@ def test_bad_specs_are_refused_with_a_clear_message(tmp_path, text, message):
         expand_spec(load_spec(write_spec(tmp_path, text)))
 
 
+def crash_at_step_400(step, _msre):
+    if step >= 400:
+        raise Crash
+
+
+def start_and_crash_first_run(spec_path, out):
+    """Run the spec's first run until it crashes after its checkpoint at step 300."""
+    first = expand_spec(load_spec(spec_path))[0]
+    with pytest.raises(Crash):
+        run_experiment(
+            first.config,
+            out / first.name,
+            progress=False,
+            on_log=crash_at_step_400,
+            checkpoint_every=first.checkpoint_every,
+        )
+    assert (out / first.name / CHECKPOINT_NAME).exists()
+
+
+@pytest.fixture(scope="module")
+def finished_in_process(tmp_path_factory):
+    """The tiny sweep's runs done here by ``execute_run`` (the pool's task), one resumed."""
+    root = tmp_path_factory.mktemp("in_process")
+    spec_path = write_spec(root, TINY_SPEC)
+    out = root / "out"
+    start_and_crash_first_run(spec_path, out)
+    threads = torch.get_num_threads()  # execute_run sets the run's CPUs for the process
+    try:
+        outcomes = [
+            execute_run(run, str(out), queue.Queue()) for run in expand_spec(load_spec(spec_path))
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    return spec_path, out, outcomes
+
+
+def test_a_run_task_resumes_its_checkpoint_and_marks_the_run_done(finished_in_process):
+    _, out, outcomes = finished_in_process
+    assert [outcome.name for outcome in outcomes] == TINY_RUNS
+    assert [outcome.first_step for outcome in outcomes] == [300, 0]
+    for name in TINY_RUNS:
+        marker = json.loads((out / name / DONE_NAME).read_text())
+        assert marker["run"]["streams"] == 2 and len(marker["final_msre"]) == 2
+        assert not (out / name / CHECKPOINT_NAME).exists()
+
+
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory):
     """The tiny sweep on the process pool, one run interrupted beforehand (a crash)."""
     root = tmp_path_factory.mktemp("local")
     spec_path = write_spec(root, TINY_SPEC)
-    first = expand_spec(load_spec(spec_path))[0]
-
-    def crash(step, _msre):
-        if step >= 400:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run_experiment(
-            first.config,
-            root / "out" / first.name,
-            progress=False,
-            on_log=crash,
-            checkpoint_every=first.checkpoint_every,
-        )
-    assert (root / "out" / first.name / CHECKPOINT_NAME).exists()
+    start_and_crash_first_run(spec_path, root / "out")
     report = run_sweep(spec_path, root / "out", workers=2, progress=False, log=print)
     return spec_path, root / "out", report
 
 
+@pytest.mark.expensive
 def test_local_sweep_runs_every_point_and_resumes_the_crashed_one(local_sweep):
     _, out, report = local_sweep
     assert not report.failed and not report.skipped
@@ -133,8 +169,8 @@ def test_local_sweep_runs_every_point_and_resumes_the_crashed_one(local_sweep):
         assert not (out / name / CHECKPOINT_NAME).exists()
 
 
-def test_rerunning_a_finished_sweep_does_no_work(local_sweep, capsys):
-    spec_path, out, _ = local_sweep
+def test_rerunning_a_finished_sweep_does_no_work(finished_in_process, capsys):
+    spec_path, out, _ = finished_in_process
     files = sorted(path for path in out.rglob("*") if path.is_file())
     modified = [path.stat().st_mtime_ns for path in files]
     report = run_sweep(spec_path, out, workers=2, progress=False, log=print)
@@ -144,13 +180,14 @@ def test_rerunning_a_finished_sweep_does_no_work(local_sweep, capsys):
     assert [path.stat().st_mtime_ns for path in files] == modified
 
 
-def test_changed_spec_over_finished_runs_is_refused(local_sweep, tmp_path):
-    _, out, _ = local_sweep
+def test_changed_spec_over_finished_runs_is_refused(finished_in_process, tmp_path):
+    _, out, _ = finished_in_process
     changed = write_spec(tmp_path, TINY_SPEC.replace("steps = 700", "steps = 800"))
     with pytest.raises(ValueError, match="holds a finished run of another config.*steps is 700"):
         run_sweep(changed, out, progress=False)
 
 
+@pytest.mark.expensive
 @pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
     reason="ray is not installed: pip install 'agentstate[ray]' to test the Ray backend",

@@ -127,6 +127,7 @@ def test_registered_id_passes_the_gymnasium_checker(tmp_path):
     check_env(env.unwrapped, skip_render_check=True)
 
 
+@pytest.mark.expensive
 def test_importing_agentstate_registers_the_id_without_importing_ale_py():
     code = (
         "import sys, gymnasium, agentstate; "
