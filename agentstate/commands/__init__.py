@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "agentstate.commands.sweep",
     "agentstate.commands.results",
     "agentstate.commands.predict_atari",
+    "agentstate.commands.train",
     "agentstate.commands.gradcheck",
     "agentstate.commands.bench",
 ]

@@ -1,0 +1,245 @@
+"""The streaming actor-critic (``agentstate.rl``): exact core gradients, SB3's conventions,
+clear errors, and learning a task that needs memory."""
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from oracle import bptt_gradient, relative_error
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+import agentstate
+from agentstate.rl import RTRLActorCritic
+from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
+
+
+class CueRecall(gym.Env):
+    """Observe a cue (one of two), then ``delay`` blanks, then "go": the action taken at go
+    earns +1 if it names the cue and -1 otherwise. A memoryless policy averages 0."""
+
+    def __init__(self, delay: int = 3) -> None:
+        self.delay = delay
+        self.observation_space = spaces.Box(0.0, 1.0, (3,), np.float32)
+        self.action_space = spaces.Discrete(2)
+
+    def _observation(self, cue=None, go=False):
+        observation = np.zeros(3, dtype=np.float32)
+        if cue is not None:
+            observation[cue] = 1.0
+        observation[2] = float(go)
+        return observation
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(2)), 0
+        return self._observation(cue=self.cue), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t <= self.delay + 1:
+            return self._observation(go=self.t == self.delay + 1), 0.0, False, False, {}
+        return self._observation(), (1.0 if int(action) == self.cue else -1.0), True, False, {}
+
+
+EXACT_LEARNERS = {
+    "columnar": {"n_features": 3},
+    "elstm": {"n_features": 3},
+    "rtrl": {"n_features": 3},
+    # Without its own input statistics, which move every step (tests/plugins/test_ccn.py
+    # replays them; here the oracle uses fixed ones).
+    "ccn": {"n_features": 4, "columns_per_stage": 4, "normalize_inputs": False},
+    "rtu": {"n_features": 4},
+}
+
+
+def frozen_model(learner, env, **config):
+    """A model whose parameters stay put (step sizes 0) with random heads, lambda = 0: its
+    core trace after a step is that step's core gradient."""
+    options = {"critic_step_size": 0.0, "actor_step_size": 0.0, "learner_step_size": 0.0}
+    options.update(lambda_=0.0, entropy_coefficient=0.0, **config)
+    model = RTRLActorCritic(env, learner=learner, learner_kwargs=EXACT_LEARNERS[learner],
+                            config=options, seed=0)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    policy = model.policy
+    for head in (policy.critic_weight, policy.actor_weight):
+        head.copy_(torch.randn(head.shape, generator=generator, dtype=head.dtype))
+    return model
+
+
+@pytest.mark.parametrize("learner", sorted(EXACT_LEARNERS))
+def test_core_gradient_is_bptt_of_value_plus_log_policy(learner):
+    """At each step the core's gradient is d(v_t + log pi(a_t | s_t))/d theta through the
+    whole episode so far, as autograd BPTT through ``functional_step`` computes it."""
+    if learner not in agentstate.available_learners():
+        pytest.skip(f"{learner} is not installed")
+    env = make_vec_env(lambda: CueRecall(delay=4), n_envs=2, seed=3)
+    model = frozen_model(learner, env)
+    policy = model.policy
+    assert policy.core.exact
+    inputs, states, actions, resets = [], [], [], {}
+    core_step, sample = policy.core.step, policy.sample
+
+    def recording_step(x):
+        inputs.append(x.clone())
+        states.append(core_step(x))
+        return states[-1]
+
+    def recording_sample(scores, deterministic):
+        actions.append(sample(scores, deterministic))
+        return actions[-1]
+
+    core_reset = policy.core.reset
+
+    def recording_reset(mask=None, **options):
+        if mask is not None:  # None: the start of learning, before any input
+            resets[len(inputs)] = mask.clone()
+        core_reset(mask, **options)
+
+    policy.core.step, policy.sample, policy.core.reset = (
+        recording_step, recording_sample, recording_reset
+    )  # fmt: skip
+    model.learn(0)  # sets the first step up
+    params = {key: value.clone() for key, value in policy.core.params.items()}
+    checked = 0
+    for t in range(12):
+        model._step()  # samples a_t, accumulates the traces at s_t, moves on to s_t+1
+        h = states[t].detach().clone().requires_grad_(True)
+        features = policy.head_features(h, inputs[t])
+        log_policy = policy.action_scores(features).log_softmax(1)[torch.arange(2), actions[t]]
+        objective = policy.value(features) + log_policy
+        (v,) = torch.autograd.grad(objective.sum(), h)
+        truth = bptt_gradient(policy.core, params, torch.stack(inputs[: t + 1]), v,
+                              {k: m for k, m in resets.items() if k <= t})  # fmt: skip
+        ongoing = ~resets.get(t + 1, torch.zeros(2, dtype=torch.bool))  # traces cleared at ends
+        for key, trace in policy.core_trace.items():
+            if ongoing.any():
+                assert relative_error(trace[ongoing], truth[key][ongoing]) <= 1e-9, (t, key)
+                checked += 1
+    assert checked >= 8 and resets  # episodes ended and began within the checked steps
+
+
+@pytest.mark.expensive
+def test_learns_to_recall_a_cue_that_a_memoryless_policy_cannot():
+    env = make_vec_env(lambda: CueRecall(delay=3), n_envs=8, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 8}, seed=0)
+    model.learn(40_000)
+    mean_return, _ = evaluate_policy(model, env, n_eval_episodes=100, deterministic=True)
+    assert mean_return >= 0.8  # memoryless: 0 on average
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_save_and_load_give_the_same_actions_and_states(tmp_path, env_id):
+    env = make_vec_env(env_id, n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    model.learn(300)
+    model.save(tmp_path / "agent")
+    loaded = RTRLActorCritic.load(tmp_path / "agent", env=env)
+    assert torch.equal(loaded.policy.core.params["weight"], model.policy.core.params["weight"])
+    observation = env.reset()
+    state_a = state_b = None
+    starts = np.ones(2, dtype=bool)
+    for _ in range(20):
+        action_a, state_a = model.predict(observation, state_a, starts, deterministic=True)
+        action_b, state_b = loaded.predict(observation, state_b, starts, deterministic=True)
+        np.testing.assert_array_equal(action_a, action_b)
+        for part_a, part_b in zip(state_a, state_b, strict=True):
+            np.testing.assert_array_equal(part_a, part_b)
+        observation, _, dones, _ = env.step(action_a)
+        starts = dones
+    if env_id == "Pendulum-v1":
+        assert np.all(np.abs(action_a) <= 2.0)  # clipped to the box
+
+
+def test_evaluate_policy_and_callbacks_work(tmp_path):
+    from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    calls = []
+
+    class Counting(BaseCallback):
+        def _on_step(self):
+            calls.append(self.num_timesteps)
+            return True
+
+    saving = CheckpointCallback(save_freq=25, save_path=str(tmp_path), name_prefix="agent")
+    model.learn(100, callback=[Counting(), saving], progress_bar=False)
+    assert calls == list(range(2, 101, 2))
+    assert sorted(path.name for path in tmp_path.glob("agent_*.zip")) == [
+        "agent_100_steps.zip", "agent_50_steps.zip"
+    ]  # fmt: skip
+    RTRLActorCritic.load(tmp_path / "agent_100_steps.zip", env=env)
+    mean_return, std_return = evaluate_policy(model, env, n_eval_episodes=4)
+    assert mean_return >= 8.0 and np.isfinite(std_return)
+
+
+def test_logger_records_the_learners_metrics(tmp_path):
+    from stable_baselines3.common.logger import configure
+
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(600, log_interval=200)
+    header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
+    assert {"train/td_error_squared", "time/fps", "rollout/ep_rew_mean"} <= set(header)
+
+
+def test_non_finite_observations_are_refused_with_the_stream_named():
+    class Broken(CueRecall):
+        def step(self, action):
+            observation, *rest = super().step(action)
+            observation[1] = np.nan
+            return (observation, *rest)
+
+    env = make_vec_env(lambda: Broken(), n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    with pytest.raises(NonFiniteInputError, match="stream 0"):
+        model.learn(10)
+
+
+def test_a_diverging_update_stops_with_a_clear_error_and_writes_nothing():
+    env = make_vec_env(lambda: CueRecall(), n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    model.learn(20)
+    before = copy.deepcopy(model.policy.state_dict())
+    model.policy.critic_weight[0, 0] = float("inf")
+    before["critic_weight"] = model.policy.critic_weight.clone()
+    with pytest.raises(LearnerDivergedError, match="no parameter was changed"):
+        model.learn(10, reset_num_timesteps=False)
+    after = model.policy.state_dict()
+    assert torch.equal(after["learner"]["params"]["weight"], before["learner"]["params"]["weight"])
+    assert torch.equal(after["actor_weight"], before["actor_weight"])
+    assert torch.isfinite(model.policy.core.params["weight"]).all()
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "popgym:popgym-RepeatPreviousEasy-v0"])
+def test_train_command_writes_curves_and_a_loadable_model(tmp_path, env_id):
+    import csv
+
+    from agentstate.cli import main
+
+    if env_id.startswith("popgym:"):
+        pytest.importorskip("popgym")
+    out = tmp_path / "run"
+    argv = ["train", env_id, "--steps", "800", "--envs", "2", "--log-every", "200"]
+    argv += ["--learner-kwarg", "n_features=4", "--agent", "learner_step_size=0.5"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader((out / "learning_curve.csv").open()))
+    assert [int(row["step"]) for row in rows] == [200, 400, 600, 800]
+    episodes = list(csv.DictReader((out / "episodes.csv").open()))
+    assert episodes and {"step", "stream", "episode_return", "episode_length"} <= set(episodes[0])
+    assert (out / "learning_curve.png").read_bytes()[1:4] == b"PNG"
+    model = RTRLActorCritic.load(out / "model.zip")
+    assert model.config.learner_step_size == 0.5
+
+
+def test_train_command_refuses_an_unknown_agent_setting(tmp_path, capsys):
+    from agentstate.cli import main
+
+    argv = ["train", "CartPole-v1", "--agent", "learning_rate=0.1", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "unknown actor-critic setting(s) learning_rate" in capsys.readouterr().err
