@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import io
 import json
 import time
@@ -61,7 +62,8 @@ class RunConfig:
     """Everything that defines one prediction run (written to ``config.json``)."""
 
     env: str
-    """An alias (trace-conditioning, trace-patterning, noisy-patterning) or a Gymnasium id."""
+    """An alias (trace-conditioning, trace-patterning, noisy-patterning), a Gymnasium id, or
+    ``module:id`` (``module`` is imported first: the package that registers the env)."""
     learner: str = "columnar"
     steps: int = 100_000
     """Environment steps per stream."""
@@ -126,6 +128,33 @@ class RunResult:
     def final_ratio(self) -> float:
         """Mean over streams of each stream's final MSRE ÷ its predict-zero MSRE."""
         return float(np.nanmean(msre_ratio(self.final_msre, self.final_msre_zero)))
+
+
+def check_env_id(env_id: str, given: str) -> None:
+    """Refuse an id Gymnasium cannot make; ``module:id`` imports ``module`` first.
+
+    Args:
+        env_id: the Gymnasium id (an alias already resolved).
+        given: what the user wrote, for the message.
+
+    Raises:
+        ValueError: naming the id, the aliases and how to register an env.
+    """
+    module, separator, name = env_id.rpartition(":")
+    if separator:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(
+                f"environment {given!r}: cannot import {module!r} ({error}); install the "
+                "package that registers the env"
+            ) from None
+    if name not in gym.registry:
+        raise ValueError(
+            f"unknown environment {given!r}; use one of {', '.join(ENV_ALIASES)}, a "
+            "registered Gymnasium id, or module:id to import the module that registers it "
+            "(e.g. popgym:popgym-RepeatPreviousEasy-v0)"
+        )
 
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
@@ -292,11 +321,7 @@ def run_experiment(
             corrupt or belongs to another run.
     """
     get_registry().spec(config.learner)  # an unknown learner fails before any work
-    if config.env_id not in gym.registry:
-        raise ValueError(
-            f"unknown environment {config.env!r}; use one of {', '.join(ENV_ALIASES)} or a "
-            "registered Gymnasium id (import the package that registers it first)"
-        )
+    check_env_id(config.env_id, config.env)
     if checkpoint_every is not None and (
         not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):

@@ -92,3 +92,17 @@ def test_learners_lists_name_source_and_exactness():
     ).stdout
     row = next(line for line in listing.splitlines() if line.startswith("columnar"))
     assert row.split()[:3] == ["columnar", "agentstate", "yes"]
+
+
+def test_run_accepts_gymnasiums_module_colon_id_form(tmp_path):
+    out = tmp_path / "run"
+    env_id = "gymnasium.envs.classic_control:CartPole-v1"
+    argv = ["run", env_id, "--steps", "300", "--streams", "2", "--msre-window", "100"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["env_id"] == env_id
+
+
+def test_run_names_a_module_that_cannot_be_imported(tmp_path, capsys):
+    argv = ["run", "no_such_module:Thing-v0", "--steps", "10", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err
