@@ -1,0 +1,291 @@
+"""benchmarks/memory: tasks, spec expansion, one run's protocol, the sweep end to end, results."""
+
+import csv
+import dataclasses
+import doctest
+import json
+import queue
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("popgym")
+pytest.importorskip("stable_baselines3")
+
+HARNESS = Path(__file__).parents[1] / "benchmarks" / "memory"
+sys.path.insert(0, str(HARNESS))  # the harness modules import each other by name
+
+import memory_harness as harness  # noqa: E402
+import memory_results as results  # noqa: E402
+import memory_tasks as tasks  # noqa: E402
+from gymnasium import spaces  # noqa: E402
+from popgym.envs import ALL_EASY  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+
+# Rollouts of 32 x 8 = 256 steps, so that a tiny budget still trains.
+TINY_SPEC = """
+[sweep]
+seeds = 1
+
+[run]
+steps = 512
+eval_every = 256
+curve_episodes = 8
+eval_episodes = 8
+
+[methods.ppo]
+base = "ppo"
+algorithm_kwargs = { n_steps = 32, batch_size = 64, n_epochs = 1 }
+
+[methods.ppo_agentstate]
+base = "ppo_agentstate"
+algorithm_kwargs = { n_steps = 32, batch_size = 64, n_epochs = 1 }
+
+[grid]
+task = ["RepeatPreviousEasy", "CueMemory"]
+method = ["ppo", "ppo_agentstate"]
+"""
+TINY_POINTS = [
+    (task, method)
+    for task in ("RepeatPreviousEasy", "CueMemory")
+    for method in ("ppo", "ppo_agentstate")
+]
+TINY_RUNS = [f"task={task},method={method},seed=0" for task, method in TINY_POINTS]
+
+
+def write_spec(tmp_path, text):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+def tiny_run(tmp_path, method="ppo_agentstate", task="CueMemory", **settings):
+    spec = harness.load_spec(write_spec(tmp_path, TINY_SPEC))
+    (run,) = [
+        run for run in harness.expand_spec(spec).runs if run.task == task and run.variant == method
+    ]
+    return dataclasses.replace(run, settings=dataclasses.replace(run.settings, **settings))
+
+
+def read_rows(path):
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task", [cls.__name__ for cls in ALL_EASY] + [tasks.CUE_TASK])
+def test_every_task_gives_flat_float_observations_in_its_space(task):
+    env = tasks.make_task(task)
+    assert env.observation_space.dtype == np.float32 and len(env.observation_space.shape) == 1
+    observation, _ = env.reset(seed=0)
+    for _ in range(20):
+        assert observation.dtype == np.float32 and observation in env.observation_space
+        observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            observation, _ = env.reset()
+
+
+def test_flat_observations_one_hot_discrete_and_tuple_parts():
+    env = tasks.make_task("AutoencodeEasy")  # Tuple(Discrete(2), Discrete(4))
+    observation, _ = env.reset(seed=0)
+    assert env.observation_space.shape == (6,)
+    assert observation[:2].sum() == 1 and observation[2:].sum() == 1
+
+
+def test_joint_discrete_action_covers_every_multidiscrete_action_once():
+    env = tasks.JointDiscreteAction(tasks.make_task("BattleshipEasy"))
+    assert env.action_space == spaces.Discrete(64)
+    actions = {tuple(env.action(k)) for k in range(64)}
+    assert actions == {(row, column) for row in range(8) for column in range(8)}
+
+
+def test_the_suite_skips_dqn_only_on_box_actions():
+    spec = harness.load_spec(HARNESS / "suite.toml")
+    expansion = harness.expand_spec(spec)
+    assert len(expansion.runs) == (15 * 6 - 2 * 2) * 3
+    assert len(expansion.not_applicable) == 4
+    assert all("Pendulum" in line and "DQN" in line for line in expansion.not_applicable)
+    assert {run.task for run in expansion.runs} == {*tasks.popgym_easy_tasks(), "CueMemory"}
+
+
+def test_reconstruction_cumulants_hold_the_inputs_of_earlier_steps():
+    env = tasks.LaggedObservations(tasks.make_task("CueMemory"), lags=[1, 3])
+    cumulants = tasks.ReconstructionCumulants("reward", 5, (1, 3))
+    observations = [env.reset(seed=0)[0]]
+    for _ in range(4):
+        observation, reward, _, _, info = env.step(0)
+        observations.append(observation)
+        values = cumulants(observation, reward, info)
+        assert values.shape == (1 + 2 * 5,) and values[0] == reward
+        back = [
+            observations[-1 - lag] if lag < len(observations) else np.zeros(5) for lag in (1, 3)
+        ]
+        np.testing.assert_array_equal(values[1:], np.concatenate(back))
+
+
+def test_the_wrapper_gets_reconstruction_heads(tmp_path):
+    run = tiny_run(tmp_path)
+    method = harness.Method(
+        "PPO", agent_state={"cumulants": "reward+observation", "reconstruct_lags": [2, 4]}
+    )
+    venv = harness.make_venv(dataclasses.replace(run, method=method), 2, 0)
+    assert len(venv.cumulant_names) == 1 + 5 + 2 * 5
+    venv.reset()
+    venv.step(np.zeros(2, dtype=int))
+
+
+def test_doctests_of_the_task_module():
+    assert doctest.testmod(tasks).failed == 0
+
+
+# ---------------------------------------------------------------------- specs
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[grid]\ntask=['CueMemory']\nmethod=['nope']", "unknown method"),
+        ("[grid]\ntask=['Nope']\nmethod=['ppo']", "unknown task"),
+        ("[grid]\ntask=['CueMemory']\nmethod=['ppo']\n[grid.agent_state]\ngamma=[0.5]", "no agent"),
+        ("[methods.x]\nbase='ppo_agentstate'\nagent_state={learner='nope'}", "nope"),
+        ("[methods.x]\nbase='ppo_agentstate'\nagent_state={cumulants='both'}", "cumulants"),
+        ("[methods.x]\nbase='ppo'\nframe_stack=-1", "frame_stack"),
+        ("[run]\nstep=5", "unknown \\[run\\] options"),
+        ("[sweeps]\nseeds=1", "unknown tables"),
+    ],
+)
+def test_bad_specs_fail_before_anything_runs(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        harness.expand_spec(harness.load_spec(write_spec(tmp_path, text)))
+
+
+def test_agent_state_axes_make_variants_and_folder_names(tmp_path):
+    text = TINY_SPEC.replace('method = ["ppo", "ppo_agentstate"]', 'method = ["ppo_agentstate"]')
+    text += "\n[grid.agent_state]\nstep_size = [0.003, 0.03]\ncumulants = ['observation']\n"
+    runs = harness.expand_spec(harness.load_spec(write_spec(tmp_path, text))).runs
+    assert [run.name for run in runs][:2] == [
+        "task=RepeatPreviousEasy,method=ppo_agentstate,step_size=0.003,cumulants=observation,seed=0",
+        "task=RepeatPreviousEasy,method=ppo_agentstate,step_size=0.03,cumulants=observation,seed=0",
+    ]
+    assert runs[0].method.agent_state == {"step_size": 0.003, "cumulants": "observation"}
+    assert runs[0].method.algorithm_kwargs == {"n_steps": 32, "batch_size": 64, "n_epochs": 1}
+
+
+def test_the_wrapper_search_spec_expands():
+    expansion = harness.expand_spec(harness.load_spec(HARNESS / "wrapper_search.toml"))
+    variants = {run.variant for run in expansion.runs}
+    assert len(expansion.runs) == len(variants) * 5 * 3 and len(variants) >= 8
+    assert {"as_reconstruct", "as_both,step_size=0.003", "as_both_elstm"} <= variants
+
+
+# ---------------------------------------------------------------------- one run
+def test_a_run_keeps_the_budget_trains_whole_rollouts_and_writes_its_folder(tmp_path):
+    run = tiny_run(tmp_path, steps=400)  # rollouts of 256: one trained, one cut at 400
+    out = tmp_path / run.name
+    out.mkdir()  # as a killed run leaves it: restarted from step 0
+    (out / "metrics.csv").write_text("step\n999999\n")
+    assert not harness.is_finished(run, tmp_path)
+    marker = harness.execute_bench_run(run, str(tmp_path), queue.Queue())
+    assert marker["env_steps"] == 400 and json.loads((out / "done.json").read_text()) == marker
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"]["agent_state"] == {} and config["versions"]["popgym"] != "absent"
+    rows = read_rows(out / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == [0, 256, 400]
+    assert [int(row["eval_episodes"]) for row in rows] == [8, 8, 8]
+    assert all(-1 <= float(row["eval_return"]) <= 1 for row in rows)
+    assert float(rows[-1]["train_seconds"]) == pytest.approx(marker["train_seconds"], abs=1e-3)
+    episodes = read_rows(out / "episodes.csv")
+    assert len(episodes) == sum(int(row["train_episodes"]) for row in rows) > 0
+    assert {float(row["return"]) for row in episodes} <= {-1.0, 1.0}
+
+
+def test_on_policy_runs_stop_inside_the_rollout_that_would_pass_the_budget(tmp_path):
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, seed=0)
+    run = tiny_run(tmp_path, steps=160, eval_every=0)
+    callback = harness.BudgetAndCurve(run.settings, _NoRecord(), lambda step: None)
+    model.learn(total_timesteps=run.settings.steps, callback=callback)
+    assert model.num_timesteps == 160 and model._n_updates == 2  # 2 whole rollouts of 64
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, n_epochs=1, seed=0)
+    settings = harness.RunSettings(steps=128, eval_every=0)
+    model.learn(128, callback=harness.BudgetAndCurve(settings, _NoRecord(), lambda step: None))
+    assert model.num_timesteps == 128 and model._n_updates == 2  # the last one ends on budget
+
+
+class _NoRecord:
+    def episode(self, *args):
+        pass
+
+
+def test_evaluation_sees_the_trained_learner_frozen_and_leaves_training_alone(tmp_path):
+    run = tiny_run(tmp_path)
+    venv = harness.make_venv(run, 8, 0)
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=1, seed=0)
+    model.learn(256)
+    trained = venv.state_dict()
+    evaluate = harness._Evaluator(run, venv)
+    mean, _, episodes = evaluate(model, 8)
+    assert episodes == 8 and -1 <= mean <= 1 and not evaluate.venv.learning
+    assert venv.learning
+    evaluated = evaluate.venv.state_dict()["engine"]["learner"]["params"]
+    for name, value in trained["engine"]["learner"]["params"].items():
+        assert np.array_equal(np.asarray(value), np.asarray(evaluated[name]))
+    after = venv.state_dict()["engine"]["learner"]["params"]
+    assert all(np.array_equal(trained["engine"]["learner"]["params"][k], after[k]) for k in after)
+
+
+# ---------------------------------------------------------------------- the sweep
+@pytest.mark.expensive
+def test_the_harness_runs_as_a_sweep_aggregates_and_skips_finished_runs(tmp_path):
+    spec, out = write_spec(tmp_path, TINY_SPEC), tmp_path / "out"
+    report = harness.run_bench(spec, out, workers=2, progress=False, log=lambda line: None)
+    assert report.failed == {} and report.skipped == []
+    assert sorted((run["task"], run["variant"]) for run in report.finished) == sorted(TINY_POINTS)
+    for name in TINY_RUNS:
+        assert {"config.json", "metrics.csv", "episodes.csv", "done.json"} <= {
+            path.name for path in (out / name).iterdir()
+        }
+    (out / "task=CueMemory,method=ppo,seed=1").mkdir()  # started, never finished
+    (out / "task=CueMemory,method=ppo,seed=1" / "config.json").write_text("{}")
+    summary = results.aggregate(out)
+    assert summary["unfinished"] == ["task=CueMemory,method=ppo,seed=1"]
+    assert [(row["task"], row["variant"]) for row in summary["rows"]] == TINY_POINTS
+    assert all(row["seeds"] == 1 and row["env_steps"] == 512 for row in summary["rows"])
+    assert len(read_rows(out / "results.csv")) == 4
+    markdown = (out / "results.md").read_text()
+    assert "| task | ppo | ppo_agentstate |" in markdown and "| CueMemory |" in markdown
+    assert "- task=CueMemory,method=ppo,seed=1" in markdown
+    assert (out / "curves.png").stat().st_size > 0
+
+    done_times = {name: (out / name / "done.json").stat().st_mtime_ns for name in TINY_RUNS}
+    again = harness.run_bench(spec, out, workers=2, progress=False, log=lambda line: None)
+    assert again.finished == [] and sorted(again.skipped) == sorted(TINY_RUNS)
+    assert done_times == {name: (out / name / "done.json").stat().st_mtime_ns for name in TINY_RUNS}
+
+
+def test_a_folder_with_another_finished_config_is_refused(tmp_path):
+    run = tiny_run(tmp_path)
+    folder = tmp_path / run.name
+    folder.mkdir()
+    identity = run.identity()
+    identity["settings"]["steps"] = 999
+    (folder / "done.json").write_text(json.dumps(identity))
+    with pytest.raises(ValueError, match="settings.steps is 999 there, 512 here"):
+        harness.is_finished(run, tmp_path)
+    (folder / "done.json").write_text(json.dumps(run.identity()))
+    assert harness.is_finished(run, tmp_path)
+
+
+# ---------------------------------------------------------------------- results
+def test_time_estimates_count_rollout_cycles_and_the_partial_rollout(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    method = {"algorithm": "PPO", "n_envs": 8, "algorithm_kwargs": {}}
+    marker = {"method": method, "env_steps": 2 * 16384, "train_seconds": 50.0}
+    (folder / "done.json").write_text(json.dumps(marker))
+    (folder / "metrics.csv").write_text("step,train_seconds\n0,0\n8192,4.0\n32768,50.0\n")
+    seconds, how = results.estimate_seconds(folder, 100_000)
+    assert seconds == pytest.approx(6 * 25.0 + (100_000 - 6 * 16384) * 4.0 / 8192)
+    assert how == "cycles + collection"
+    marker["method"] = {"algorithm": "DQN", "n_envs": 1, "algorithm_kwargs": {}}
+    (folder / "done.json").write_text(json.dumps(marker))
+    assert results.estimate_seconds(folder, 100_000)[0] == pytest.approx(50.0 * 100_000 / 32768)
