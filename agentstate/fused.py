@@ -264,6 +264,22 @@ class OptimizerArgs(ctypes.Structure):
     ]
 
 
+_ENGINE_SIZES = (
+    "streams",
+    "param_streams",
+    "input_size",
+    "n_features",
+    "n_cumulants",
+    "n_head_features",
+    "include_observation",
+    "include_bias",
+    "train_learner",
+)
+"""``EngineState`` fields the kernel takes as integers (``TDArgs``)."""
+_ENGINE_RATES = ("lambda_", "input_decay", "input_floor", "feature_decay", "feature_floor")
+"""``EngineState`` fields the kernel takes as doubles."""
+
+
 class TDArgs(ctypes.Structure):
     """Sizes, settings and tensors of the engine; pointers address contiguous tensors.
 
@@ -272,35 +288,9 @@ class TDArgs(ctypes.Structure):
     """
 
     _fields_ = [
-        *(
-            (name, ctypes.c_int64)
-            for name in (
-                "streams",
-                "param_streams",
-                "input_size",
-                "n_features",
-                "n_cumulants",
-                "n_head_features",
-                "include_observation",
-                "include_bias",
-                "train_learner",
-                "threads",
-                "parallel_grain",
-            )
-        ),
-        *(
-            (name, ctypes.c_double)
-            for name in (
-                "gamma",
-                "lambda_",
-                "learner_lr",
-                "head_lr",
-                "input_decay",
-                "input_floor",
-                "feature_decay",
-                "feature_floor",
-            )
-        ),
+        *((name, ctypes.c_int64) for name in (*_ENGINE_SIZES, "threads", "parallel_grain")),
+        *((name, ctypes.c_double) for name in ("gamma", "learner_lr", "head_lr")),
+        *((name, ctypes.c_double) for name in _ENGINE_RATES),
         ("optimizer", OptimizerArgs),
         *(
             (name, ctypes.c_void_p)
@@ -624,22 +614,7 @@ class FusedTDStep:
     def _bind(self, engine: EngineState, layout: FusedLayout) -> None:
         dtype = self.dtype
         td = self._td
-        for name in (
-            "streams",
-            "param_streams",
-            "input_size",
-            "n_features",
-            "n_cumulants",
-            "n_head_features",
-            "include_observation",
-            "include_bias",
-            "train_learner",
-            "lambda_",
-            "input_decay",
-            "input_floor",
-            "feature_decay",
-            "feature_floor",
-        ):
+        for name in (*_ENGINE_SIZES, *_ENGINE_RATES):
             setattr(td, name, getattr(engine, name))
         for name in (
             "input_mean",

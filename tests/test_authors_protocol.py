@@ -201,6 +201,7 @@ def test_a_learner_kwarg_overrides_the_runs_normalisation_for_the_learner(tmp_pa
     assert config_of(out)["td"]["normalization_decay"] == 0.99999
 
 
+@pytest.mark.expensive
 def test_normalisation_settings_reach_the_engine_from_a_sweep_spec(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(

@@ -162,6 +162,7 @@ def test_logger_callback_reads_agent_state_sub_envs(tmp_path):
     assert math.isfinite(float(row["agent_state/mean_squared_td_error/reward"]))
 
 
+@pytest.mark.expensive
 def test_the_logging_example_runs(tmp_path):
     subprocess.run(
         [sys.executable, str(EXAMPLE), "--timesteps", "256", "--envs", "2", "--episodes", "1"]
