@@ -6,9 +6,11 @@ predicts the discounted sum of the environment's reward (the cumulant) with TD(l
 mean squared return error (MSRE) is logged as a sliding mean per stream, next to the error
 of predicting zero.
 
-Environments that report ``info["return_target"]`` (the trace-conditioning family) are scored
-against that exact target every step. Any other Gymnasium environment is scored at the end of
-each episode against the discounted return computed backward over it.
+Where the streams come from is a stream source (``agentstate.streams``): the trace-conditioning
+family reports the exact return of every step and is scored every step; any other Gymnasium
+environment (random actions) and the Atari expert replay (``atari-prediction``) are scored at
+the end of each episode against the discounted return computed backward over it. One metric
+log (``agentstate.metric_log``) serves them all.
 
 Checkpoints (trace envs, whose state the env itself saves): every ``checkpoint_every`` steps the
 complete run state (TD engine with learner, traces, optimiser and normalisers; env generators
@@ -19,10 +21,8 @@ its steps are chunked, so a resumed run writes the same ``metrics.csv`` as an un
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib
-import io
 import json
 import time
 from collections.abc import Callable
@@ -37,14 +37,15 @@ from tqdm import tqdm
 
 from agentstate.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     load_checkpoint,
     remove_checkpoint,
     save_checkpoint,
 )
-from agentstate.metrics import EpisodeReturnScorer, SlidingMean, mean_and_standard_error
+from agentstate.metric_log import MetricLog, column, msre_ratio, stream_mean
+from agentstate.metrics import EpisodeReturnScorer, mean_and_standard_error
 from agentstate.plotting import plot_learning_curve
 from agentstate.registry import get_registry, make_learner
+from agentstate.streams import EpisodicSource, StreamSource, TraceSource
 from agentstate.td import TDConfig, TDPredictor
 
 ENV_ALIASES = {
@@ -52,6 +53,10 @@ ENV_ALIASES = {
     "trace-patterning": "agentstate/TracePatterning-v0",
     "noisy-patterning": "agentstate/NoisyPatterning-v0",
 }
+ATARI_PREDICTION = "atari-prediction"
+"""The Atari Prediction Benchmark's expert replay (``agentstate.atari``), one game per stream."""
+REFERENCE_LABELS = {"zero": "predict zero", "mean_reward": "running mean reward / (1 - γ)"}
+"""Reference predictor name -> its label in the plots."""
 ROLLOUT_CHUNK = 2048
 CHECKPOINT_NAME = "checkpoint.pt"
 """The latest checkpoint of an unfinished run, in its output folder (removed when it ends)."""
@@ -65,12 +70,15 @@ class RunConfig:
     """An alias (trace-conditioning, trace-patterning, noisy-patterning), a Gymnasium id, or
     ``module:id`` (``module`` is imported first: the package that registers the env)."""
     learner: str = "columnar"
+    """A registered learner name (``agentstate learners``)."""
     steps: int = 100_000
     """Environment steps per stream."""
     streams: int = 8
+    """Streams stepped together (for the Atari replay, a multiple of the number of games)."""
     independent: bool = False
     """One network per stream (B independent runs) instead of one shared network."""
     seed: int = 0
+    """Seed of the learner's initialisation and of the env."""
     step_size: float = 0.001
     """Step size of the learner (``rmsprop_td`` at 0.001: the authors' best on trace patterning)."""
     head_step_size: float | None = None
@@ -78,7 +86,9 @@ class RunConfig:
     gamma: float | None = None
     """Discount; None takes the environment's own (``env.gamma``) or 0.99."""
     lambda_: float = 0.99
+    """Trace decay."""
     optimizer: str = "rmsprop_td"
+    """``sgd``, ``rmsprop_td`` (the authors' normaliser) or ``adam``."""
     normalize_inputs: bool = True
     """Normalise the observation online (the engine does, or the learner itself if it can)."""
     normalize_features: bool = True
@@ -92,9 +102,13 @@ class RunConfig:
     msre_window: int = 100_000
     """Steps in the sliding mean of the squared return error (the authors' 100k)."""
     log_every: int = 1_000
+    """Steps between two rows of ``metrics.csv``."""
     learner_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Learner keyword arguments, e.g. ``{"n_features": 7}``."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Environment constructor arguments, e.g. ``{"preset": "rafiee2022"}``."""
     dtype: str = "float32"
+    """``float32`` or ``float64``."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "streams", "msre_window", "log_every"):
@@ -123,6 +137,24 @@ class RunResult:
     """Steps per stream per second of this process (from ``first_step`` on)."""
     first_step: int = 0
     """Step this process started from: 0, or the checkpoint's step when resumed."""
+    final: dict[str, np.ndarray] = field(default_factory=dict)
+    """``metrics.csv`` column (``msre``, ``msre_zero``, references) -> final MSRE ``[B]``."""
+    stream_labels: list[str] = field(default_factory=list)
+    """Each stream's label (its game, for the Atari replay)."""
+    env_steps_per_second: float = float("nan")
+    """Env steps of all streams per second of time spent in the source."""
+    learner_us_per_step: float = float("nan")
+    """Microseconds of ``TDPredictor.step`` per step of all streams."""
+
+    def summary(self) -> dict[str, Any]:
+        """``summary.json``: final MSREs and speeds."""
+        return {
+            "stream_labels": self.stream_labels,
+            "final_msre": {name: values.tolist() for name, values in self.final.items()},
+            "steps_per_second": self.steps_per_second,
+            "env_steps_per_second": self.env_steps_per_second,
+            "learner_us_per_step": self.learner_us_per_step,
+        }
 
     @property
     def final_ratio(self) -> float:
@@ -162,99 +194,6 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     return {"run": json.loads(json.dumps(dataclasses.asdict(config)))}
 
 
-def msre_ratio(msre: np.ndarray, msre_zero: np.ndarray) -> np.ndarray:
-    """Each stream's MSRE divided by its own predict-zero MSRE (NaN where that is 0 or NaN)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(msre_zero > 0, msre / msre_zero, np.nan)
-
-
-class _MetricLog:
-    """Sliding MSRE per stream for the learner and predict-zero, sampled every log_every.
-
-    Every-step scoring updates all streams at once; episodic scoring updates one stream by a
-    whole episode, so it keeps one sliding mean per stream.
-    """
-
-    def __init__(self, streams: int, window: int, *, episodic: bool = False) -> None:
-        self.episodic = episodic
-        if episodic:
-            self.learner_by_stream = [SlidingMean(window) for _ in range(streams)]
-            self.zero_by_stream = [SlidingMean(window) for _ in range(streams)]
-        else:
-            self.learner = SlidingMean(window, streams)
-            self.zero = SlidingMean(window, streams)
-        self.rows: list[tuple[int, np.ndarray, np.ndarray]] = []
-
-    def values(self) -> tuple[np.ndarray, np.ndarray]:
-        """Current sliding MSRE of the learner and of predicting zero, ``[B]`` each."""
-        if self.episodic:
-            return (
-                np.array([float(mean.value) for mean in self.learner_by_stream]),
-                np.array([float(mean.value) for mean in self.zero_by_stream]),
-            )
-        return self.learner.value.copy(), self.zero.value.copy()
-
-    def record(self, step: int) -> None:
-        self.rows.append((step, *self.values()))
-
-    def _sliding_means(self) -> list[SlidingMean]:
-        if self.episodic:
-            return [*self.learner_by_stream, *self.zero_by_stream]
-        return [self.learner, self.zero]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Sliding means and logged rows, for checkpoints."""
-        streams = len(self.values()[0])
-        return {
-            "sliding_means": [mean.state_dict() for mean in self._sliding_means()],
-            "steps": [row[0] for row in self.rows],
-            "learner": np.array([row[1] for row in self.rows]).reshape(-1, streams),
-            "zero": np.array([row[2] for row in self.rows]).reshape(-1, streams),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; everything is checked before anything is replaced."""
-        means = self._sliding_means()
-        for mean, saved in zip(means, state["sliding_means"], strict=True):
-            SlidingMean(mean.window, mean.shape).load_state_dict(saved)  # raises if it differs
-        learner_rows = np.asarray(state["learner"], dtype=np.float64).copy()
-        zero_rows = np.asarray(state["zero"], dtype=np.float64).copy()
-        rows = [
-            (int(step), learner, zero)
-            for step, learner, zero in zip(state["steps"], learner_rows, zero_rows, strict=True)
-        ]
-        for mean, saved in zip(means, state["sliding_means"], strict=True):
-            mean.load_state_dict(saved)
-        self.rows = rows
-
-    def write_csv(self, path: Path) -> None:
-        """Write the logged rows as ``metrics.csv`` (atomically)."""
-        streams = len(self.rows[0][1]) if self.rows else 0
-        text = io.StringIO(newline="")
-        writer = csv.writer(text)
-        writer.writerow(
-            ["step", "msre", "msre_se", "msre_zero", "msre_ratio", "msre_ratio_se"]
-            + [f"msre_{b}" for b in range(streams)]
-            + [f"msre_zero_{b}" for b in range(streams)]
-        )
-        for step, learner, zero in self.rows:
-            mean, standard_error = mean_and_standard_error(learner[None])
-            ratio, ratio_error = mean_and_standard_error(msre_ratio(learner, zero)[None])
-            writer.writerow(
-                [
-                    step,
-                    f"{mean[0]:.8g}",
-                    f"{standard_error[0]:.8g}",
-                    f"{np.nanmean(zero) if np.isfinite(zero).any() else np.nan:.8g}",
-                    f"{ratio[0]:.8g}",
-                    f"{ratio_error[0]:.8g}",
-                ]
-                + [f"{value:.8g}" for value in learner]
-                + [f"{value:.8g}" for value in zero]
-            )
-        atomic_write_bytes(path, text.getvalue().encode())
-
-
 @dataclass
 class _Checkpointer:
     """Writes the complete run state to ``path`` every ``every`` steps, and restores it."""
@@ -262,14 +201,14 @@ class _Checkpointer:
     path: Path
     every: int
     identity: dict[str, Any]
-    env: Any
+    source: Any
     engine: TDPredictor
-    log: _MetricLog
+    log: MetricLog
 
     def save(self, step: int) -> None:
         state = {
             "engine": self.engine.state_dict(),
-            "env": self.env.unwrapped.state_dict(),
+            "env": self.source.state_dict(),
             "metrics": self.log.state_dict(),
         }
         save_checkpoint(self.path, self.identity, step, state)
@@ -283,7 +222,7 @@ class _Checkpointer:
         step, state = load_checkpoint(self.path, self.identity)
         try:
             self.engine.load_state_dict(state["engine"])
-            self.env.unwrapped.load_state_dict(state["env"])
+            self.source.load_state_dict(state["env"])
             self.log.load_state_dict(state["metrics"])
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(
@@ -292,28 +231,61 @@ class _Checkpointer:
         return step
 
 
+def make_source(config: RunConfig) -> StreamSource:
+    """The stream source ``config.env`` names (see ``agentstate.streams``).
+
+    Trace envs (``rollout`` with exact targets): a :class:`~agentstate.streams.TraceSource`.
+    ``atari-prediction``: the benchmark's expert replay, one game per stream
+    (``agentstate.atari.atari_source``). Any other Gymnasium id: random actions, scored by
+    episodes.
+    """
+    if config.env_id == ATARI_PREDICTION:
+        from agentstate.atari import atari_source  # needs ale-py
+
+        return atari_source(config)
+    check_env_id(config.env_id, config.env)
+    env_kwargs = dict(config.env_kwargs)
+    if config.gamma is not None and config.env_id in ENV_ALIASES.values():
+        env_kwargs.setdefault("gamma", config.gamma)
+    env = gym.make_vec(config.env_id, num_envs=config.streams, **env_kwargs)
+    if hasattr(env.unwrapped, "rollout"):
+        return TraceSource(env, config.seed)
+    actions_random = np.random.default_rng(config.seed)
+    env.action_space.seed(int(actions_random.integers(2**31)))
+    gamma = config.gamma if config.gamma is not None else float(getattr(env, "gamma", 0.99))
+    try:
+        return EpisodicSource(env, gamma=gamma, actions=env.action_space.sample, seed=config.seed)
+    except ValueError as error:
+        raise ValueError(f"{config.env_id}: {error}") from None
+
+
 def run_experiment(
     config: RunConfig,
     out_dir: str | Path,
     *,
+    source: StreamSource | None = None,
     progress: bool = True,
     on_log: Callable[[int, float], None] | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    torch_threads: int | None = None,
 ) -> RunResult:
-    """Run one prediction experiment and write ``metrics.csv``, ``config.json``, a plot.
+    """Run one prediction experiment and write ``metrics.csv``, ``config.json``, plots.
 
     Args:
         config: the run's settings.
         out_dir: folder for the outputs (created).
+        source: the streams (default: :func:`make_source` of ``config``).
         progress: show a progress bar with steps/s and the current MSRE.
         on_log: called as ``on_log(step, mean_msre)`` at every log point.
-        checkpoint_every: write ``out_dir/checkpoint.pt`` every this many steps (trace envs);
-            None: no checkpoints.
+        checkpoint_every: write ``out_dir/checkpoint.pt`` every this many steps (a source
+            that saves its state: the trace envs); None: no checkpoints.
         resume: continue from ``out_dir/checkpoint.pt`` if there is one (else start afresh).
+        torch_threads: torch's intra-op threads while the run lasts (None: as they are);
+            results do not depend on it.
 
     Returns:
-        The final sliding MSRE of every stream, the throughput and the step started from.
+        The final sliding MSRE of every stream and predictor, speeds, the step started from.
 
     Raises:
         ValueError: on unknown names or bad values; if ``out_dir`` holds a checkpoint and
@@ -321,7 +293,6 @@ def run_experiment(
             corrupt or belongs to another run.
     """
     get_registry().spec(config.learner)  # an unknown learner fails before any work
-    check_env_id(config.env_id, config.env)
     if checkpoint_every is not None and (
         not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):
@@ -333,28 +304,15 @@ def run_experiment(
             f"{out} holds the checkpoint of an unfinished run ({checkpoint_path}); pass "
             "--resume to continue it, or delete the file to start over"
         )
+    if source is None:
+        source = make_source(config)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, config.dtype)
-    env_kwargs = dict(config.env_kwargs)
-    if config.gamma is not None and config.env_id in ENV_ALIASES.values():
-        env_kwargs.setdefault("gamma", config.gamma)
-    env = gym.make_vec(config.env_id, num_envs=config.streams, **env_kwargs)
-    gamma = config.gamma if config.gamma is not None else float(getattr(env, "gamma", 0.99))
-    observation, info = env.reset(seed=config.seed)
-    shape = env.single_observation_space.shape
-    if shape is None:
-        raise ValueError(
-            f"{config.env_id}: its observation space {env.single_observation_space} has no "
-            "shape; wrap the env so that it observes a flat Box (gymnasium's FlattenObservation)"
-        )
-    observation_size = int(np.prod(shape))
-
     learner = make_learner(
         config.learner,
-        observation_size,
-        streams=config.streams,
+        source.observation_size,
+        streams=source.streams,
         independent_params=config.independent,
-        dtype=dtype,
+        dtype=getattr(torch, config.dtype),
         seed=config.seed,
         **learner_kwargs(config),
     )
@@ -362,7 +320,7 @@ def run_experiment(
         learner,
         1,
         TDConfig(
-            gamma=gamma,
+            gamma=source.gamma,
             lambda_=config.lambda_,
             step_size=config.step_size,
             head_step_size=config.head_step_size,
@@ -379,32 +337,30 @@ def run_experiment(
             {
                 "run": dataclasses.asdict(config),
                 "env_id": config.env_id,
-                "gamma": gamma,
+                "gamma": source.gamma,
+                "stream_labels": source.labels,
+                "behaviour": source.description,
                 "td": dataclasses.asdict(engine.config),
                 "learner_config": dataclasses.asdict(learner.config),
                 "n_features": learner.n_features,
-                "observation_size": observation_size,
+                "observation_size": source.observation_size,
             },
             indent=2,
         )
     )
-
-    has_targets = hasattr(env.unwrapped, "rollout") and "return_target" in info
-    log = _MetricLog(config.streams, config.msre_window, episodic=not has_targets)
+    names = ("learner", "zero", *source.reference_names)
+    episodic = not source.scored_every_step
+    log = MetricLog(source.streams, config.msre_window, names, episodic=episodic)
     checkpointer = None
     if checkpoint_every is not None or (resume and checkpoint_path.exists()):
-        if not (has_targets and hasattr(env.unwrapped, "state_dict")):
+        if not hasattr(source, "state_dict"):
             raise ValueError(
                 f"checkpoints need an environment that saves its own state (state_dict / "
                 f"load_state_dict, as the trace envs do); {config.env} does not"
             )
+        every = checkpoint_every or config.steps
         checkpointer = _Checkpointer(
-            checkpoint_path,
-            checkpoint_every or config.steps,
-            run_identity(config),
-            env,
-            engine,
-            log,
+            checkpoint_path, every, run_identity(config), source, engine, log
         )
     first_step = 0
     if checkpointer is not None and resume and checkpoint_path.exists():
@@ -412,24 +368,103 @@ def run_experiment(
     bar = tqdm(
         total=config.steps, initial=first_step, unit="step", disable=not progress, smoothing=0.05
     )
-    started = time.perf_counter()
-    if has_targets:
-        _run_with_targets(
-            env, engine, log, config, (observation, info), bar, on_log, first_step, checkpointer
-        )
-    else:
-        _run_episodic(env, engine, log, config, observation, gamma, bar, on_log)
-    elapsed = time.perf_counter() - started
-    bar.close()
-    env.close()
+    threads = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    timer = _Timer()
+    try:
+        _run(source, engine, log, config, bar, on_log, first_step, checkpointer, timer)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+        source.close()
 
     log.write_csv(out / "metrics.csv")
-    _plot_run(log, config, out)
+    _plot_run(log, config, source, out)
     remove_checkpoint(checkpoint_path)
-    final_learner, final_zero = log.values()
-    return RunResult(
-        out, final_learner, final_zero, (config.steps - first_step) / elapsed, first_step
+    final = {column(name): values for name, values in log.values().items()}
+    steps_taken = config.steps - first_step
+    result = RunResult(
+        out,
+        final["msre"],
+        final["msre_zero"],
+        steps_taken / timer.total,
+        first_step,
+        final=final,
+        stream_labels=source.labels,
+        env_steps_per_second=steps_taken * source.streams / max(timer.env, 1e-12),
+        learner_us_per_step=timer.learner / max(steps_taken, 1) * 1e6,
     )
+    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+    return result
+
+
+@dataclass
+class _Timer:
+    """Seconds spent in the source (envs), in the TD engine, and in all."""
+
+    env: float = 0.0
+    learner: float = 0.0
+    total: float = 0.0
+
+
+def _run(
+    source: StreamSource,
+    engine: TDPredictor,
+    log: MetricLog,
+    config: RunConfig,
+    bar: tqdm,
+    on_log: Callable[[int, float], None] | None,
+    first_step: int,
+    checkpointer: _Checkpointer | None,
+    timer: _Timer,
+) -> None:
+    """The loop: chunks of steps from the source, a TD step and a score for each.
+
+    Chunks end on checkpoint boundaries, where the checkpointer saves the state.
+    """
+    dtype = engine.learner.dtype
+    streams = source.streams
+    scorer = None if source.scored_every_step else EpisodeReturnScorer(streams, list(log.names))
+    zero = np.zeros(streams)
+    step = first_step
+    started = time.perf_counter()
+    while step < config.steps:
+        chunk = min(ROLLOUT_CHUNK, config.steps - step)
+        if checkpointer is not None:
+            chunk = min(chunk, checkpointer.every - step % checkpointer.every)
+        env_started = time.perf_counter()
+        steps = source.steps(chunk)
+        timer.env += time.perf_counter() - env_started
+        observations = torch.as_tensor(steps.observation, dtype=dtype)
+        cumulants = torch.as_tensor(steps.cumulant, dtype=dtype).unsqueeze(-1)
+        discounts = None if steps.discount is None else torch.as_tensor(steps.discount, dtype=dtype)
+        starts = None if steps.episode_start is None else torch.as_tensor(steps.episode_start)
+        for t in range(chunk):
+            learner_started = time.perf_counter()
+            prediction = engine.step(
+                observations[t],
+                cumulants[t],
+                discount=None if discounts is None else discounts[t],
+                episode_start=None if starts is None else starts[t],
+            )
+            timer.learner += time.perf_counter() - learner_started
+            predicted = prediction[:, 0].double().numpy()
+            if steps.target is not None:
+                target = steps.target[t]
+                log.update({"learner": (predicted - target) ** 2, "zero": target**2})
+            else:
+                assert scorer is not None and steps.discount is not None
+                predictions = {"learner": predicted, "zero": zero}
+                predictions.update({name: values[t] for name, values in steps.references.items()})
+                for episode in scorer.update(predictions, steps.cumulant[t], steps.discount[t]):
+                    log.add(episode)
+            step += 1
+            _advance_log(log, step, config, bar, on_log)
+        bar.update(chunk)
+        if checkpointer is not None and step % checkpointer.every == 0 and step < config.steps:
+            checkpointer.save(step)
+    timer.total = time.perf_counter() - started
 
 
 SHARED_NORMALIZATION = (
@@ -455,17 +490,17 @@ def learner_kwargs(config: RunConfig) -> dict[str, Any]:
     return {**shared, **config.learner_kwargs}
 
 
-def _plot_run(log: _MetricLog, config: RunConfig, out: Path) -> None:
+def _plot_run(log: MetricLog, config: RunConfig, source: StreamSource, out: Path) -> None:
     """Plot the run.
 
     ``learning_curve.png``: each stream's MSRE over its own predict-zero MSRE (the paper's
-    way of comparing seeds); ``msre_curve.png``: the MSRE itself.
+    way of comparing seeds); ``msre_curve.png``: the MSRE itself, references dashed; with
+    several stream labels (games), ``learning_curve_<label>.png`` per label.
     """
-    steps = np.array([row[0] for row in log.rows])
-    learner = np.stack([row[1] for row in log.rows])
-    zero = np.stack([row[2] for row in log.rows])
-    title = f"{config.env} — {config.learner}, {config.streams} streams"
-    window = f"sliding mean over {config.msre_window:,} steps"
+    steps = np.array(log.steps)
+    learner, zero = log.curve("learner"), log.curve("zero")
+    title = f"{config.env} — {config.learner}, {source.streams} streams"
+    window = f"sliding mean over {config.msre_window:,} scored steps"
     plot_learning_curve(
         steps,
         {config.learner: msre_ratio(learner, zero)},
@@ -474,18 +509,34 @@ def _plot_run(log: _MetricLog, config: RunConfig, out: Path) -> None:
         ylabel=f"MSRE ÷ predict-zero MSRE, per stream (last {config.msre_window:,} steps)",
         reference_lines={"predict zero": 1.0},
     )
-    plot_learning_curve(
-        steps,
-        {config.learner: learner},
-        out / "msre_curve.png",
-        title=title,
-        ylabel=f"MSRE ({window})",
-        reference_lines={"predict zero": zero.mean(1)},
-    )
+    streams_of = {label: np.array(source.labels) == label for label in dict.fromkeys(source.labels)}
+    groups = [(out / "msre_curve.png", title, np.ones(source.streams, dtype=bool))]
+    if len(streams_of) > 1:
+        groups += [
+            (out / f"learning_curve_{label}.png", f"{label} — {config.learner}", mask)
+            for label, mask in streams_of.items()
+        ]
+    for path, group_title, mask in groups:
+        plot_learning_curve(
+            steps,
+            {config.learner: learner[:, mask]},
+            path,
+            title=group_title,
+            ylabel=f"MSRE ({window})",
+            reference_lines={
+                REFERENCE_LABELS.get(name, name): stream_means(log.curve(name)[:, mask])
+                for name in log.names[1:]
+            },
+        )
+
+
+def stream_means(curve: np.ndarray) -> np.ndarray:
+    """``[N, B] -> [N]``: the mean over streams at each point (streams with NaN left out)."""
+    return mean_and_standard_error(curve)[0]
 
 
 def _advance_log(
-    log: _MetricLog,
+    log: MetricLog,
     step: int,
     config: RunConfig,
     bar: tqdm,
@@ -493,102 +544,8 @@ def _advance_log(
 ) -> None:
     if step % config.log_every == 0 or step == config.steps:
         log.record(step)
-        learner, zero = log.rows[-1][1:]
-        msre = float(mean_and_standard_error(learner[None])[0][0])
-        bar.set_postfix(msre=f"{msre:.4g}", zero=f"{mean_and_standard_error(zero[None])[0][0]:.4g}")
+        row = log.rows[-1]
+        msre = stream_mean(row["learner"])
+        bar.set_postfix(msre=f"{msre:.4g}", zero=f"{stream_mean(row['zero']):.4g}")
         if on_log is not None:
             on_log(step, msre)
-
-
-def _run_with_targets(
-    env: Any,
-    engine: TDPredictor,
-    log: _MetricLog,
-    config: RunConfig,
-    reset_result: tuple[np.ndarray, dict[str, Any]],
-    bar: tqdm,
-    on_log: Callable[[int, float], None] | None,
-    first_step: int,
-    checkpointer: _Checkpointer | None,
-) -> None:
-    """Trace envs: exact return targets every step, many steps generated per call.
-
-    Starts from the reset observation when ``first_step`` is 0, else from a restored state.
-    Chunks end on checkpoint boundaries, where the checkpointer saves the state.
-    """
-    dtype = engine.learner.dtype
-    streams = config.streams
-    step = first_step
-    if step == 0:
-        observation, info = reset_result
-        first_observation = torch.as_tensor(observation, dtype=dtype).reshape(streams, -1)
-        prediction = engine.step(first_observation, torch.zeros(streams, 1, dtype=dtype))
-        _score(log, prediction, np.asarray(info["return_target"], dtype=np.float64))
-        step = 1
-        bar.update(1)
-    while step < config.steps:
-        chunk = min(ROLLOUT_CHUNK, config.steps - step)
-        if checkpointer is not None:
-            chunk = min(chunk, checkpointer.every - step % checkpointer.every)
-        observations, cumulants, targets = env.unwrapped.rollout(chunk)
-        observations = torch.as_tensor(observations, dtype=dtype).reshape(chunk, streams, -1)
-        cumulants = torch.as_tensor(cumulants, dtype=dtype).reshape(chunk, streams, 1)
-        for t in range(chunk):
-            prediction = engine.step(observations[t], cumulants[t])
-            _score(log, prediction, targets[t])
-            step += 1
-            _advance_log(log, step, config, bar, on_log)
-        bar.update(chunk)
-        if checkpointer is not None and step % checkpointer.every == 0 and step < config.steps:
-            checkpointer.save(step)
-
-
-def _score(log: _MetricLog, prediction: torch.Tensor, target: np.ndarray) -> None:
-    predicted = prediction[:, 0].double().numpy()
-    log.learner.update((predicted - target) ** 2)
-    log.zero.update(target**2)
-
-
-def _run_episodic(
-    env: Any,
-    engine: TDPredictor,
-    log: _MetricLog,
-    config: RunConfig,
-    observation: np.ndarray,
-    gamma: float,
-    bar: tqdm,
-    on_log: Callable[[int, float], None] | None,
-) -> None:
-    """Any Gymnasium env: reward is the cumulant, errors scored at each episode end."""
-    dtype = engine.learner.dtype
-    streams = config.streams
-    scorer = EpisodeReturnScorer(streams, ["learner", "zero"])
-    cumulant = np.zeros(streams)
-    discount = np.zeros(streams)  # the first observation starts an episode
-    episode_start = np.ones(streams, dtype=bool)
-    ended = np.zeros(streams, dtype=bool)
-    actions_random = np.random.default_rng(config.seed)
-    env.action_space.seed(int(actions_random.integers(2**31)))
-    for step in range(1, config.steps + 1):
-        prediction = engine.step(
-            torch.as_tensor(observation, dtype=dtype).reshape(streams, -1),
-            torch.as_tensor(cumulant, dtype=dtype).reshape(streams, 1),
-            discount=torch.as_tensor(discount, dtype=dtype),
-            episode_start=torch.as_tensor(episode_start),
-        )
-        for episode in scorer.update(
-            {"learner": prediction[:, 0].double().numpy(), "zero": np.zeros(streams)},
-            cumulant,
-            discount,
-        ):
-            log.learner_by_stream[episode.stream].update_many(episode.squared_errors["learner"])
-            log.zero_by_stream[episode.stream].update_many(episode.squared_errors["zero"])
-        # Gymnasium vector envs autoreset on the step *after* an episode ends: the terminal
-        # observation arrives with the last reward (discount 0), the next one starts anew.
-        observation, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-        episode_start = ended
-        ended = np.logical_or(terminated, truncated)
-        cumulant = np.asarray(reward, dtype=np.float64)
-        discount = np.where(ended | episode_start, 0.0, gamma)
-        _advance_log(log, step, config, bar, on_log)
-        bar.update(1)

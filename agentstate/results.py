@@ -43,7 +43,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from agentstate.checkpoint import atomic_write_bytes, saved_step
-from agentstate.experiment import CHECKPOINT_NAME, msre_ratio
+from agentstate.experiment import CHECKPOINT_NAME
+from agentstate.metric_log import msre_ratio
 from agentstate.metrics import mean_and_standard_error
 from agentstate.plotting import format_step_count
 

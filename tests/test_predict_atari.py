@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 from atari_data import expert_policies
 
-from agentstate.atari import (
-    AtariRunConfig,
-    load_sb3_policy,
-    run_atari_prediction,
-    run_prediction_streams,
-)
+from agentstate.atari import atari_source, load_sb3_policy, prediction_source, stream_games
 from agentstate.cli import main
+from agentstate.experiment import ATARI_PREDICTION, RunConfig, run_experiment
+
+
+def atari_config(games, **settings):
+    """A ``predict-atari`` run: one network per stream, Atari settings in env_kwargs."""
+    env_kwargs = {"games": games}
+    for key in ("policies_dir", "sb3_model", "sb3_algorithm"):
+        if key in settings:
+            env_kwargs[key] = settings.pop(key)
+    settings.setdefault("gamma", 0.98)
+    settings.setdefault("streams", len(games))
+    return RunConfig(env=ATARI_PREDICTION, independent=True, env_kwargs=env_kwargs, **settings)
 
 
 def read_rows(path):
@@ -62,8 +69,8 @@ def test_scored_returns_equal_a_direct_sum_over_hand_made_episodes(tmp_path):
         start += len(frames)
     returns = np.array(returns)
 
-    config = AtariRunConfig(
-        games=["Scripted"],
+    config = atari_config(
+        ["Scripted"],
         learner="columnar",
         learner_kwargs={"n_features": 2},
         steps=len(cumulants),
@@ -74,16 +81,15 @@ def test_scored_returns_equal_a_direct_sum_over_hand_made_episodes(tmp_path):
     envs = gym.vector.SyncVectorEnv(
         [lambda: ScriptedEpisodes(episodes)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
     )
-    result = run_prediction_streams(
-        envs, config, tmp_path, stream_games=["Scripted"], behaviour="script", progress=False
-    )
+    source = prediction_source(envs, ["Scripted"], gamma=gamma, description="script")
+    result = run_experiment(config, tmp_path, source=source, progress=False)
     [row] = read_rows(tmp_path / "metrics.csv")
     assert int(row["step"]) == len(cumulants)
     assert float(row["msre_zero"]) == pytest.approx(np.mean(returns**2), rel=1e-6)
     expected = np.mean((np.array(mean_reward_predictions) - returns) ** 2)
     assert float(row["msre_mean_reward"]) == pytest.approx(expected, rel=1e-6)
     assert np.isfinite(float(row["msre"]))
-    assert result.final_msre["msre_zero"][0] == pytest.approx(np.mean(returns**2))
+    assert result.final["msre_zero"][0] == pytest.approx(np.mean(returns**2))
 
 
 def test_a_short_run_beats_predicting_zero_on_pong(tmp_path):
@@ -93,8 +99,8 @@ def test_a_short_run_beats_predicting_zero_on_pong(tmp_path):
     same; the best constant prediction about 0.057 (ratio 0.69). A TD learner has to learn
     at least that fast to pass; a wrong sign, discount or reset alignment does not.
     """
-    config = AtariRunConfig(
-        games=["Pong"],
+    config = atari_config(
+        ["Pong"],
         policies_dir=str(expert_policies()),
         learner="columnar",
         learner_kwargs={"n_features": 4},
@@ -103,8 +109,8 @@ def test_a_short_run_beats_predicting_zero_on_pong(tmp_path):
         msre_window=6_600,
         log_every=13_500,
     )
-    result = run_atari_prediction(config, tmp_path, progress=False)
-    msre, msre_zero = result.final_msre["msre"][0], result.final_msre["msre_zero"][0]
+    result = run_experiment(config, tmp_path, progress=False, torch_threads=1)
+    msre, msre_zero = result.final["msre"][0], result.final["msre_zero"][0]
     assert msre < 0.8 * msre_zero, f"learner {msre:.4f} vs predict zero {msre_zero:.4f}"
 
 
@@ -118,10 +124,10 @@ def test_cli_smoke_two_games_as_streams(tmp_path, capsys):
     assert [int(row["step"]) for row in rows] == [1000, 2000, 3000]
     assert {"msre", "msre_zero", "msre_mean_reward", "msre_3", "msre_zero_3"} <= set(rows[0])
     config = json.loads((out / "config.json").read_text())
-    assert config["stream_games"] == ["Pong", "Breakout", "Pong", "Breakout"]
+    assert config["stream_labels"] == ["Pong", "Breakout", "Pong", "Breakout"]
     assert config["observation_size"] == 275 and config["td"]["gamma"] == 0.98
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["replay_frames_per_second"] > 0 and summary["learner_us_per_step"] > 0
+    assert summary["env_steps_per_second"] > 0 and summary["learner_us_per_step"] > 0
     for game in ("Pong", "Breakout"):
         assert (out / f"learning_curve_{game}.png").read_bytes()[1:4] == b"PNG"
     printed = capsys.readouterr().out
@@ -139,7 +145,7 @@ def test_cli_names_the_game_and_the_path_of_a_missing_file(tmp_path, capsys):
 
 def test_streams_must_cycle_over_the_games():
     with pytest.raises(ValueError, match="multiple of the number of games"):
-        AtariRunConfig(games=["Pong", "Breakout"], streams=3)
+        stream_games(["Pong", "Breakout"], 3)
 
 
 @pytest.mark.expensive
@@ -163,14 +169,15 @@ def test_an_sb3_model_from_a_zip_plays_in_the_loop(tmp_path):
         observation, *_ = env.step(0)
         assert observation[256 + ale_py.Action[meanings[choice]].value] == 1.0
 
-    config = AtariRunConfig(
-        games=["Pong"],
+    config = atari_config(
+        ["Pong"],
         learner_kwargs={"n_features": 2},
         steps=300,
         log_every=100,
         sb3_model=str(path),
         sb3_algorithm="PPO",
     )
-    run_atari_prediction(config, tmp_path / "run", policy_env=ram_env, progress=False)
+    source = atari_source(config, policy_env=ram_env)
+    run_experiment(config, tmp_path / "run", source=source, progress=False)
     assert len(read_rows(tmp_path / "run" / "metrics.csv")) == 3
     assert "live policy" in json.loads((tmp_path / "run" / "config.json").read_text())["behaviour"]

@@ -125,7 +125,7 @@ def write_config(folder, config):
 
 def write_sweep_run(folder, config, rows):
     """A finished sweep run, as run_experiment and execute_run leave it: config.json,
-    metrics.csv (the columns of _MetricLog.write_csv) with ``rows`` =
+    metrics.csv (the columns of MetricLog.write_csv) with ``rows`` =
     [(step, [msre_b ...], [msre_zero_b ...])], and done.json."""
     write_config(folder, config)
     streams = config.streams

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from agentstate.commands.run import parse_key_values
+from agentstate.commands.options import parse_key_values
 from agentstate.gradcheck import (
     gradient_check,
     paper_sweep,

@@ -1,22 +1,29 @@
-"""Options shared by the experiment verbs (``run``, ``predict-atari``); not a verb itself.
+"""Options of the experiment verbs (``run``, ``predict-atari``), derived from ``RunConfig``.
 
-Each option is declared once here, with its default taken from the verb's config dataclass
-(``RunConfig`` or ``AtariRunConfig``); the verbs word the help of a few options for their own
-setting (steps or frames, an env's discount or a fixed one).
+Each field of :class:`~agentstate.experiment.RunConfig` becomes the option ``--<field>``
+(underscores as hyphens, a trailing one dropped: ``lambda_`` is ``--lambda``), typed and
+defaulted from the field and documented by the field's own docstring; booleans take
+``--<field>`` / ``--no-<field>``; a dict field ``learner_kwargs`` takes repeated
+``--learner-kwarg KEY=VALUE``. A verb passes its own defaults (``predict-atari`` has the Atari
+benchmark's) and reads the config back with :func:`config_from_args`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-from collections.abc import Sequence
+import dataclasses
+import inspect
+import textwrap
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from agentstate.atari import AtariRunConfig
 from agentstate.experiment import RunConfig
+from agentstate.optim import OPTIMIZERS
 
-OPTIMIZERS = ["sgd", "rmsprop_td", "adam"]
-DTYPES = ["float32", "float64"]
+CHOICES = {"optimizer": list(OPTIMIZERS), "dtype": ["float32", "float64"]}
+ALIASES = {"step_size": ["--lr"], "head_step_size": ["--head-lr"], "include_bias": ["--head-bias"]}
+"""Older spellings kept working (``--lr`` is ``--step-size``)."""
 
 
 def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -37,128 +44,91 @@ def parse_key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     return parsed
 
 
-def add_experiment_options(
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal right below it), first sentence."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for statement, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = " ".join(following.value.value.split())
+            docs[statement.target.id] = text.replace("%", "%%")
+    return docs
+
+
+def option_name(field_name: str) -> str:
+    """``step_size`` -> ``--step-size``; ``lambda_`` -> ``--lambda``; dicts: singular."""
+    name = field_name.rstrip("_").replace("_", "-")
+    return f"--{name[:-1]}" if name.endswith("-kwargs") else f"--{name}"
+
+
+def add_config_options(
     parser: argparse.ArgumentParser,
-    defaults: RunConfig | AtariRunConfig,
+    defaults: RunConfig,
     *,
-    steps_help: str,
-    streams_help: str,
-    lr_help: str,
-    gamma_help: str,
-    msre_window_help: str | None,
-    learner_kwarg_help: str,
+    exclude: Collection[str] = (),
+    helps: dict[str, str] | None = None,
 ) -> None:
-    """Add the learner, TD and scoring options, read back by :func:`experiment_config_kwargs`.
+    """Add one option per field of ``RunConfig`` but ``exclude``, defaulting to ``defaults``.
 
     Args:
         parser: the verb's parser.
-        defaults: the verb's config with its default values.
-        steps_help: help of ``--steps``.
-        streams_help: help of ``--streams``.
-        lr_help: help of ``--lr``.
-        gamma_help: help of ``--gamma``.
-        msre_window_help: help of ``--msre-window`` (None: no help text).
-        learner_kwarg_help: help of ``--learner-kwarg``.
+        defaults: the verb's defaults.
+        exclude: fields the verb sets itself (e.g. the positional ``env``).
+        helps: field -> help text worded for the verb (default: the field's docstring).
     """
-    parser.add_argument("--learner", default=defaults.learner, help="registered learner name")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help=steps_help)
-    parser.add_argument("--streams", type=int, default=defaults.streams, help=streams_help)
-    parser.add_argument("--lr", type=float, default=defaults.step_size, help=lr_help)
-    parser.add_argument(
-        "--head-lr",
-        type=float,
-        default=defaults.head_step_size,
-        help="step size of the prediction head (default: --lr / number of features built)",
-    )
-    parser.add_argument("--gamma", type=float, default=defaults.gamma, help=gamma_help)
-    parser.add_argument(
-        "--lambda", dest="lambda_", type=float, default=defaults.lambda_, help="trace decay"
-    )
-    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--msre-window", type=int, default=defaults.msre_window, help=msre_window_help
-    )
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES)
-    parser.add_argument(
-        "--learner-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=learner_kwarg_help,
-    )
+    docs = {**field_docs(RunConfig), **(helps or {})}
+    for field in dataclasses.fields(RunConfig):
+        if field.name in exclude:
+            continue
+        flags = [option_name(field.name), *ALIASES.get(field.name, [])]
+        value = getattr(defaults, field.name)
+        help_text = docs.get(field.name, "")
+        kind = str(field.type)
+        if kind.startswith("dict"):
+            parser.add_argument(
+                flags[0], dest=field.name, action="append", default=[], metavar="KEY=VALUE",
+                help=f"{help_text} (repeatable)",
+            )  # fmt: skip
+        elif kind == "bool":
+            parser.add_argument(
+                *flags, dest=field.name, action=argparse.BooleanOptionalAction, default=value,
+                help=help_text,
+            )  # fmt: skip
+        else:
+            converter = int if kind == "int" else float if kind.startswith("float") else str
+            parser.add_argument(
+                *flags, dest=field.name, type=converter, default=value,
+                choices=CHOICES.get(field.name), help=f"{help_text} (default: %(default)s)",
+            )  # fmt: skip
 
 
-def add_normalization_options(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
-    """Add the online normalisation and head options, read back by :func:`normalization_kwargs`.
+def config_from_args(args: argparse.Namespace, defaults: RunConfig, **fixed: Any) -> RunConfig:
+    """The ``RunConfig`` the parsed ``args`` describe.
 
-    They govern every normaliser of a run: the TD engine's and, where its config has the same
-    settings (CCN), the learner's own.
+    ``fixed`` fields first, then the options, then ``defaults`` for fields without an option.
     """
-    parser.add_argument(
-        "--normalize-inputs",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.normalize_inputs,
-        help="normalise the observation online",
-    )
-    parser.add_argument(
-        "--normalize-features",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.normalize_features,
-        help="normalise the agent state online before the heads (and a CCN stage) read it",
-    )
-    parser.add_argument(
-        "--normalization-rate",
-        type=float,
-        default=defaults.normalization_rate,
-        help="EMA decay of the running means and variances (1: no normalisation)",
-    )
-    parser.add_argument(
-        "--variance-floor",
-        type=float,
-        default=defaults.variance_floor,
-        help="lower bound of the running variances",
-    )
-    parser.add_argument(
-        "--head-bias",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.include_bias,
-        help="give the heads a bias feature",
-    )
-
-
-def normalization_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields set by :func:`add_normalization_options`, from parsed ``args``."""
-    return {
-        "normalize_inputs": args.normalize_inputs,
-        "normalize_features": args.normalize_features,
-        "normalization_rate": args.normalization_rate,
-        "variance_floor": args.variance_floor,
-        "include_bias": args.head_bias,
-    }
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(RunConfig):
+        if field.name in fixed:
+            values[field.name] = fixed[field.name]
+        elif hasattr(args, field.name):
+            value = getattr(args, field.name)
+            if str(field.type).startswith("dict"):
+                value = parse_key_values(value, option_name(field.name))
+            values[field.name] = value
+        else:
+            values[field.name] = getattr(defaults, field.name)
+    return RunConfig(**values)
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--out`` and ``--no-progress``."""
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def experiment_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields set by :func:`add_experiment_options`, from parsed ``args``."""
-    return {
-        "learner": args.learner,
-        "steps": args.steps,
-        "streams": args.streams,
-        "seed": args.seed,
-        "step_size": args.lr,
-        "head_step_size": args.head_lr,
-        "gamma": args.gamma,
-        "lambda_": args.lambda_,
-        "optimizer": args.optimizer,
-        "msre_window": args.msre_window,
-        "log_every": args.log_every,
-        "learner_kwargs": parse_key_values(args.learner_kwarg, "--learner-kwarg"),
-        "dtype": args.dtype,
-    }

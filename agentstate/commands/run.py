@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agentstate.commands.options import (
-    add_experiment_options,
-    add_normalization_options,
-    add_output_options,
-    experiment_config_kwargs,
-    normalization_kwargs,
-    parse_key_values,
-)
+from agentstate.commands.options import add_config_options, add_output_options, config_from_args
 from agentstate.experiment import ENV_ALIASES, RunConfig, run_experiment
 
 DEFAULTS = RunConfig(env="")
@@ -24,33 +17,15 @@ def add_parser(verbs: Any) -> None:
     run = verbs.add_parser(
         "run",
         help="online prediction experiment: B streams, TD(lambda), MSRE curve",
-        description="Run a prediction experiment and write metrics.csv, config.json and "
-        "learning_curve.png into --out.",
-    )
-    run.add_argument("env", help=f"one of {', '.join(ENV_ALIASES)}, or any registered Gymnasium id")
-    add_experiment_options(
-        run,
-        DEFAULTS,
-        steps_help="steps per stream",
-        streams_help="streams stepped together",
-        lr_help="step size of the learner",
-        gamma_help="discount (default: the env's)",
-        msre_window_help=None,
-        learner_kwarg_help="learner keyword argument, e.g. n_features=7 (repeatable)",
-    )
-    add_normalization_options(run, DEFAULTS)
-    run.add_argument(
-        "--independent",
-        action="store_true",
-        help="one network per stream (B independent runs) instead of one shared network",
+        description="Run a prediction experiment and write metrics.csv, config.json, "
+        "summary.json, learning_curve.png and msre_curve.png into --out.",
     )
     run.add_argument(
-        "--env-kwarg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment constructor argument, e.g. preset=rafiee2022 (repeatable)",
+        "env",
+        help=f"one of {', '.join(ENV_ALIASES)}, atari-prediction, any registered Gymnasium id, "
+        "or module:id (the module is imported first)",
     )
+    add_config_options(run, DEFAULTS, exclude={"env"})
     run.add_argument(
         "--checkpoint-every",
         type=int,
@@ -70,13 +45,7 @@ def add_parser(verbs: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run one prediction experiment."""
-    config = RunConfig(
-        env=args.env,
-        independent=args.independent,
-        env_kwargs=parse_key_values(args.env_kwarg, "--env-kwarg"),
-        **normalization_kwargs(args),
-        **experiment_config_kwargs(args),
-    )
+    config = config_from_args(args, DEFAULTS, env=args.env)
     result = run_experiment(
         config,
         args.out,
@@ -90,6 +59,6 @@ def handle(args: argparse.Namespace) -> int:
         f"{result.final_msre_zero.mean():.5g}; per stream {result.final_ratio:.3f}x "
         f"predict zero) over {config.streams} streams, "
         f"{result.steps_per_second:,.0f} steps/s; {resumed}wrote {result.out_dir}/metrics.csv, "
-        "config.json, learning_curve.png, msre_curve.png"
+        "config.json, summary.json, learning_curve.png, msre_curve.png"
     )
     return 0

@@ -138,7 +138,10 @@ class RTRLPolicy(BasePolicy):
         self.encoder: SpaceEncoder = make_observation_encoder(observation_space, None)
         self.observation_size = len(self.encoder.component_names)
         self.discrete = isinstance(action_space, spaces.Discrete)
-        self.n_actions = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        if isinstance(action_space, spaces.Discrete):
+            self.n_actions = int(action_space.n)
+        else:
+            self.n_actions = int(np.prod(action_space.shape or ()))
         action_inputs = self.n_actions if self.config.include_prev_action else 0
         self.core: StateLearner = make_learner(
             learner,
@@ -278,7 +281,7 @@ class RTRLPolicy(BasePolicy):
         """Not used: the agent acts through ``predict`` and learns in ``RTRLActorCritic``."""
         raise NotImplementedError("RTRLPolicy acts through predict()")
 
-    def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
+    def _predict(self, observation: Any, deterministic: bool = False) -> Tensor:
         raise NotImplementedError("RTRLPolicy is recurrent: call predict() with its state")
 
     def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:

@@ -84,9 +84,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     """Train one actor-critic and write its files; returns a summary of the run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    env = make_vec_env(
-        config.env, n_envs=config.envs, seed=config.seed, env_kwargs={"render_mode": None}
-    )
+    env = make_vec_env(config.env, n_envs=config.envs, seed=config.seed)
     model = RTRLActorCritic(
         env,
         learner=config.learner,
