@@ -289,7 +289,7 @@ class TDArgs(ctypes.Structure):
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in (*_ENGINE_SIZES, "threads", "parallel_grain")),
-        *((name, ctypes.c_double) for name in ("gamma", "learner_lr", "head_lr")),
+        *((name, ctypes.c_double) for name in ("gamma", "learner_step_size", "head_step_size")),
         *((name, ctypes.c_double) for name in _ENGINE_RATES),
         ("optimizer", OptimizerArgs),
         *(
@@ -600,8 +600,8 @@ class FusedTDStep:
             self._layout_tensors = tensors
         td = self._td
         groups = engine.param_groups
-        td.head_lr = groups[0]["lr"]
-        td.learner_lr = groups[-1]["lr"]
+        td.head_step_size = groups[0]["lr"]
+        td.learner_step_size = groups[-1]["lr"]
         td.threads = torch.get_num_threads()
         td.parallel_grain = PARALLEL_GRAIN
         prediction = torch.empty_like(engine.previous_prediction)  # [B, K], contiguous

@@ -382,7 +382,7 @@ struct Engine {
   void update_heads() {
     auto* head = static_cast<T*>(td.head_weight);
     auto* trace = static_cast<T*>(td.head_trace);
-    ParameterOptimizer<T> optimizer(td.optimizer, td.head_lr, td.head_state_a, td.head_state_b,
+    ParameterOptimizer<T> optimizer(td.optimizer, td.head_step_size, td.head_state_a, td.head_state_b,
                                     td.head_step);
     std::vector<T> update(K * F, T(0));
     for (index b = 0; b < B; ++b) {
@@ -425,7 +425,7 @@ struct Engine {
   // parameters()), and that parameter's traces [K, B, ...]. Only while td.train_learner:
   // otherwise the engine passes neither.
   ParameterOptimizer<T> learner_optimizer(index parameter = 0) const {
-    return ParameterOptimizer<T>(td.optimizer, td.learner_lr,
+    return ParameterOptimizer<T>(td.optimizer, td.learner_step_size,
                                  learner_array(td.learner_states_a, parameter),
                                  learner_array(td.learner_states_b, parameter),
                                  learner_array(td.learner_steps, parameter));
