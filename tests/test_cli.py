@@ -83,6 +83,7 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, argv, messa
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.expensive
 def test_learners_lists_name_source_and_exactness():
     listing = subprocess.run(
         [sys.executable, "-m", "agentstate.cli", "learners"],

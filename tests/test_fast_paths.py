@@ -407,6 +407,7 @@ def test_without_vector_math_the_scalar_build_runs_the_same_kernel(monkeypatch, 
         fused.load_kernel.cache_clear()
 
 
+@pytest.mark.expensive
 @needs_kernel
 @pytest.mark.parametrize(
     ("name", "options"),

@@ -92,6 +92,7 @@ def test_scored_returns_equal_a_direct_sum_over_hand_made_episodes(tmp_path):
     assert result.final["msre_zero"][0] == pytest.approx(np.mean(returns**2))
 
 
+@pytest.mark.expensive
 def test_a_short_run_beats_predicting_zero_on_pong(tmp_path):
     """Two Pong episodes (13.5k frames); the MSRE is scored on the second.
 
@@ -114,6 +115,7 @@ def test_a_short_run_beats_predicting_zero_on_pong(tmp_path):
     assert msre < 0.8 * msre_zero, f"learner {msre:.4f} vs predict zero {msre_zero:.4f}"
 
 
+@pytest.mark.expensive
 def test_cli_smoke_two_games_as_streams(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["predict-atari", "--game", "Pong", "Breakout", "--streams", "4", "--policies"]

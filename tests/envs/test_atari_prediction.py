@@ -46,6 +46,7 @@ def play_episodes(env, n_episodes):
     return episodes
 
 
+@pytest.mark.expensive
 def test_pong_expert_wins_its_first_two_episodes_21_0():
     env = AtariPrediction("Pong", policies_dir=expert_policies())
     for rewards, ended in play_episodes(env, 2):
@@ -53,6 +54,7 @@ def test_pong_expert_wins_its_first_two_episodes_21_0():
         assert ended == (True, False), "a Pong episode ends with the game over"
 
 
+@pytest.mark.expensive
 def test_breakout_expert_scores_over_300_in_its_first_episode():
     env = AtariPrediction("Breakout", policies_dir=expert_policies())
     [(rewards, ended)] = play_episodes(env, 1)
@@ -121,6 +123,7 @@ def test_reset_with_a_seed_restarts_the_file(tmp_path):
     assert (info["file_position"], info["replay_pass"]) == (1, 1)
 
 
+@pytest.mark.expensive
 def test_registered_id_passes_the_gymnasium_checker(tmp_path):
     path = action_file(tmp_path, b"R" + PONG_RIGHT * 300)
     env = gym.make("agentstate/AtariPrediction-v0", game="Pong", policy_file=path)
