@@ -112,3 +112,25 @@ def _assert_same_gradients(clone: StateLearner, learner: StateLearner, v: Tensor
     assert actual.keys() == expected.keys()
     for key, grad in expected.items():
         torch.testing.assert_close(actual[key], grad, rtol=0, atol=0)
+
+
+def assert_parameters_shared_or_one_per_stream(
+    shared: StateLearner, independent: StateLearner, shapes: dict[str, tuple[int, ...]], key: str
+) -> None:
+    """Shared parameters have one copy ``[1, ...]``, independent ones one per stream, drawn
+    apart (``key``: a parameter whose streams must differ)."""
+    streams = independent.streams
+    for name, shape in shapes.items():
+        assert shared.params[name].shape == (1, *shape)
+        assert independent.params[name].shape == (streams, *shape)
+        assert shared.params[name].is_leaf
+    weights = independent.params[key]
+    assert not torch.equal(weights[0], weights[1])
+
+
+def assert_seed_reproduces_the_initialisation(first: StateLearner, second: StateLearner) -> None:
+    """Two learners built with one seed start with equal parameters."""
+    assert first.params.keys() == second.params.keys()
+    for name, param in first.params.items():
+        assert torch.equal(param, second.params[name])
+

@@ -47,19 +47,13 @@ def test_functional_step_computes_the_same_state_as_step():
 
 
 def test_shared_params_have_one_copy_independent_params_one_per_stream():
-    shared, independent = make(False), make(True)
-    for key, shape in PARAM_SHAPES.items():
-        assert shared.params[key].shape == (1, *shape)
-        assert independent.params[key].shape == (STREAMS, *shape)
-        assert shared.params[key].is_leaf
-    weights = independent.params["gate_input_weight"]
-    assert not torch.equal(weights[0], weights[1])
+    exactness.assert_parameters_shared_or_one_per_stream(
+        make(False), make(True), PARAM_SHAPES, "gate_input_weight"
+    )
 
 
 def test_seed_makes_initialisation_reproducible():
-    a, b = make(True), make(True)
-    for key in PARAM_SHAPES:
-        assert torch.equal(a.params[key], b.params[key])
+    exactness.assert_seed_reproduces_the_initialisation(make(True), make(True))
 
 
 def test_state_dict_round_trip_continues_identically():
