@@ -323,9 +323,10 @@ class TDPredictor:
         A constructive learner does at its next stage; otherwise this does nothing.
         """
         current = self.learner.params
-        if current.keys() != self._learner_params.keys() or any(
-            current[key] is not self._learner_params[key] for key in current
-        ):
+        followed = self._learner_params
+        if len(current) != len(followed) or not all(
+            map(operator.is_, current.values(), followed.values())
+        ) or current.keys() != followed.keys():
             self.optimizer = self._build_optimizer()
 
     # ---------------------------------------------------------------- the step
