@@ -234,7 +234,8 @@ class _Checkpointer:
 def make_source(config: RunConfig) -> StreamSource:
     """The stream source ``config.env`` names (see ``agentstate.streams``).
 
-    Trace envs (``rollout`` with exact targets): a :class:`~agentstate.streams.TraceSource`.
+    The trace envs (``ENV_ALIASES``): a :class:`~agentstate.streams.TraceSource`, with exact
+    targets.
     ``atari-prediction``: the benchmark's expert replay, one game per stream
     (``agentstate.atari.atari_source``). Any other Gymnasium id: random actions, scored by
     episodes.
@@ -248,7 +249,7 @@ def make_source(config: RunConfig) -> StreamSource:
     if config.gamma is not None and config.env_id in ENV_ALIASES.values():
         env_kwargs.setdefault("gamma", config.gamma)
     env = gym.make_vec(config.env_id, num_envs=config.streams, **env_kwargs)
-    if hasattr(env.unwrapped, "rollout"):
+    if config.env_id in ENV_ALIASES.values():  # the trace family: exact targets, checkpoints
         return TraceSource(env, config.seed)
     actions_random = np.random.default_rng(config.seed)
     env.action_space.seed(int(actions_random.integers(2**31)))
