@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - Windows: concurrent builds, each repla
     fcntl = None  # type: ignore[assignment]
 
 ENGINE_HEADER = Path(__file__).parent / "kernels" / "engine.h"
+ACTOR_CRITIC_HEADER = Path(__file__).parent / "kernels" / "actor_critic.h"
 """The shared engine every kernel includes as ``<agentstate/engine.h>``."""
 
 COMPILER_FLAGS = (
@@ -109,6 +110,12 @@ class Kernel:
     the sources include by name. The C declaration of ``args_type`` (a ``ctypes.Structure``
     of ``c_int64``, ``c_double`` and ``c_void_p`` fields) is generated into ``kernel_args.h``
     beside ``TDArgs``, so Python and C++ cannot disagree.
+
+    A kernel whose step body is written against the engine's interface (a function template
+    over the engine type) can also run the streaming actor-critic: including
+    ``<agentstate/actor_critic.h>`` and writing ``AGENTSTATE_ACTOR_CRITIC_ENTRIES(<entry>,
+    <body>, <args_type>)`` defines ``<entry>_actor_critic_float32/64``, which
+    ``agentstate.rl.RTRLActorCritic`` then uses (:func:`has_actor_critic`).
     """
 
     entry: str
@@ -319,13 +326,94 @@ class TDArgs(ctypes.Structure):
     ]
 
 
+class ACArgs(ctypes.Structure):
+    """One step of the streaming actor-critic (``kernels/actor_critic.h``, bound by
+    ``agentstate.rl.fused_step``): sizes, settings and the agent's tensors.
+
+    Observations, rewards and the running statistics are float64; everything else is the
+    kernel's dtype. ``core_traces`` points at an array with one trace per learner parameter,
+    in the layout's order, and ``core_trace_sizes`` at their sizes per stream (int64).
+    """
+
+    _fields_ = [
+        *(
+            (name, ctypes.c_int64)
+            for name in (
+                "streams",
+                "param_streams",
+                "observation_size",
+                "n_actions",
+                "discrete",
+                "n_features",
+                "n_head_features",
+                "include_observation",
+                "include_prev_action",
+                "normalize_observations",
+                "scale_rewards",
+                "train_learner",
+                "n_core_parameters",
+                "threads",
+                "parallel_grain",
+            )
+        ),
+        *(
+            (name, ctypes.c_double)
+            for name in (
+                "gamma",
+                "lambda_",
+                "critic_step_size",
+                "actor_step_size",
+                "learner_step_size",
+                "critic_kappa",
+                "actor_kappa",
+                "learner_kappa",
+                "entropy_coefficient",
+                "observation_eps",
+                "reward_eps",
+            )
+        ),
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "observation",
+                "reward",
+                "done",
+                "bootstrap",
+                "noise",
+                "action",
+                "action_input",
+                "started",
+                "previous_value",
+                "previous_features",
+                "previous_entropy_score",
+                "observation_count",
+                "observation_mean",
+                "observation_m2",
+                "reward_sum",
+                "reward_count",
+                "reward_mean",
+                "reward_m2",
+                "critic_weight",
+                "critic_trace",
+                "actor_weight",
+                "actor_trace",
+                "log_std",
+                "log_std_trace",
+                "core_traces",
+                "core_trace_sizes",
+                "statistics",
+            )
+        ),
+    ]
+
+
 _C_TYPES = {ctypes.c_int64: "int64_t", ctypes.c_double: "double", ctypes.c_void_p: "void*"}
 
 
 def c_declarations(*structs: type[ctypes.Structure]) -> str:
     """C++ declarations of the engine's structs and ``structs`` (the ``kernel_args.h``)."""
     lines = ["#pragma once", "#include <cstdint>"]
-    declared: tuple[type[ctypes.Structure], ...] = (OptimizerArgs, TDArgs, *structs)
+    declared: tuple[type[ctypes.Structure], ...] = (OptimizerArgs, TDArgs, ACArgs, *structs)
     for struct in declared:
         lines.append(f"struct {struct.__name__} {{")
         for name, field_type, *_ in struct._fields_:
@@ -386,6 +474,7 @@ def _kernel_files(kernel: Kernel) -> dict[str, str]:
     files = {
         "kernel_args.h": c_declarations(kernel.args_type),
         "agentstate/engine.h": ENGINE_HEADER.read_text(),
+        "agentstate/actor_critic.h": ACTOR_CRITIC_HEADER.read_text(),
     }
     for path in (*kernel.headers, *kernel.sources):
         files[path.name] = Path(path).read_text()
@@ -494,6 +583,16 @@ def load_kernel(kernel: Kernel) -> ctypes.CDLL | None:
 
 
 # ---------------------------------------------------------------------- applicability
+def has_actor_critic(library: ctypes.CDLL, kernel: Kernel) -> bool:
+    """Whether ``library`` (``kernel``'s build) defines the actor-critic entry points."""
+    try:
+        library[f"{kernel.entry}_actor_critic_float64"]
+        library[f"{kernel.entry}_actor_critic_float32"]
+    except AttributeError:
+        return False
+    return True
+
+
 def unsupported_reason(
     learner: Any, optimizer: str, param_groups: Sequence[Mapping[str, Any]]
 ) -> str | None:

@@ -310,6 +310,7 @@ void update_statistics(const T* x, index stride, index streams, index param_stre
 // Everything of a TD step that does not depend on the learner's kind.
 template <typename T>
 struct Engine {
+  using value_type = T;
   const TDArgs& td;
   index B, P, d, n, K, F;
   std::vector<T> observation;   // x^: [B, d]

@@ -49,6 +49,8 @@ from torch import Tensor
 from agentstate.learner import StateLearner
 from agentstate.observation import SpaceEncoder, make_observation_encoder
 from agentstate.registry import make_learner
+from agentstate.rl.fused_step import BACKENDS, fused_step
+from agentstate.rl.noise import NoiseBlocks
 from agentstate.rl.streaming import RewardScaler, RunningMeanStd, obgd_update
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
 
@@ -160,7 +162,16 @@ class RTRLPolicy(BasePolicy):
         self.observation_statistics = RunningMeanStd(self.observation_size)
         self.reward_scaler = RewardScaler(streams, self.config.gamma)
         self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+        """Draws of ``predict`` (acting without learning)."""
+        self.noise = NoiseBlocks(
+            streams,
+            None if self.discrete else self.n_actions,
+            dtype,
+            0 if seed is None else int(seed) + 2,
+        )
+        """Draws of the learning steps (``RTRLActorCritic``)."""
         self.reset_traces()
+        self.reset_transition()
 
     # ------------------------------------------------------------------ parameters
     def head_params(self) -> dict[str, dict[str, Tensor]]:
@@ -183,22 +194,64 @@ class RTRLPolicy(BasePolicy):
             for key, param in self.core.params.items()
         }
 
-    # ------------------------------------------------------------------ the agent's step
-    def learner_input(self, observation: Any, previous_action: Tensor, update: bool) -> Tensor:
-        """``[x^, a_t-1]: [B, input_size]`` from raw observations ``[B, ...]``.
+    def match_core_traces(self) -> None:
+        """Give a core parameter that changed shape (a constructive learner's new stage) a
+        fresh zero trace: credit never carries over to parameters that did not exist."""
+        for key, param in self.core.params.items():
+            trace = self.core_trace.get(key)
+            if trace is None or trace.shape[1:] != param.shape[1:]:
+                self.core_trace[key] = torch.zeros(
+                    self.streams, *param.shape[1:], dtype=self.value_dtype
+                )
 
-        Args:
-            observation: a batch of observations as the env gives them.
-            previous_action: ``[B, n_actions]`` (one-hot or the action itself; 0 at a start).
-            update: fold the observations into the running statistics first.
+    def reset_transition(self) -> None:
+        """Forget the step in flight: the next learning step starts episodes afresh.
+
+        What a learning step carries to the next (``RTRLActorCritic``): ``started`` (0-dim
+        bool: a transition to learn from), ``action_state`` (``[B, A]``: the learner's
+        encoding of the action just taken), ``previous_value`` (``[B]``: ``v(s_t)``),
+        ``previous_features`` (``[B, F]``: ``phi_t``), ``previous_entropy_score`` (``[B, A]``:
+        ``dH/d logits`` at ``s_t``, discrete actions) and ``log_sums`` (float64 ``[3]``: sums of
+        the mean squared TD error and the mean value, and the steps they sum over).
         """
-        encoded = torch.as_tensor(self.encoder.encode(observation, len(previous_action)))
+        streams, dtype = self.streams, self.value_dtype
+        self.started = torch.zeros((), dtype=torch.bool)
+        self.action_state = torch.zeros(streams, self.n_actions, dtype=dtype)
+        self.previous_value = torch.zeros(streams, dtype=dtype)
+        self.previous_features = torch.zeros(streams, self.n_head_features, dtype=dtype)
+        self.previous_entropy_score = torch.zeros(streams, self.n_actions, dtype=dtype)
+        self.log_sums = torch.zeros(3, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ the agent's step
+    def encode(self, observation: Any, batch: int) -> Tensor:
+        """The encoded observations ``[batch, observation_size]``, float64 (unchecked)."""
+        encoded = torch.as_tensor(self.encoder.encode(observation, batch))
+        return encoded.to(torch.float64).contiguous()
+
+    def check_finite(self, encoded: Tensor) -> None:
+        """Raise ``NonFiniteInputError`` naming the first stream and component that is not
+        finite in ``encoded: [B, observation_size]``."""
         if not bool(torch.isfinite(encoded).all()):
             stream, component = (~torch.isfinite(encoded)).nonzero()[0].tolist()
             raise NonFiniteInputError(
                 f"observation of stream {stream} holds a non-finite value in "
                 f"{self.encoder.component_names[component]!r}; clean the environment's output"
             )
+
+    def learner_input(self, observation: Any, previous_action: Tensor, update: bool) -> Tensor:
+        """``[x^, a_t-1]: [B, input_size]`` from raw observations ``[B, ...]``.
+
+        Args:
+            observation: a batch of observations as the env gives them, or already encoded
+                (a float64 tensor from ``encode``).
+            previous_action: ``[B, n_actions]`` (one-hot or the action itself; 0 at a start).
+            update: fold the observations into the running statistics first.
+        """
+        if isinstance(observation, Tensor):
+            encoded = observation
+        else:
+            encoded = self.encode(observation, len(previous_action))
+        self.check_finite(encoded)
         if self.config.normalize_observations:
             if update:
                 self.observation_statistics.update(encoded)
@@ -224,16 +277,29 @@ class RTRLPolicy(BasePolicy):
         """Logits (discrete) or the Gaussian's mean (box): ``[B, n_actions]``."""
         return features @ self.actor_weight[0].T
 
-    def sample(self, scores: Tensor, deterministic: bool) -> Tensor:
-        """Actions ``[B]`` (discrete, int64) or ``[B, n_actions]`` (box)."""
+    def sample(self, scores: Tensor, noise: Tensor | None) -> Tensor:
+        """Actions ``[B]`` (discrete, int64) or ``[B, n_actions]`` (box).
+
+        ``noise``: None acts deterministically (the most probable action, or the mean); else
+        ``[B]`` uniforms in [0, 1), inverted through the policy's CDF, or ``[B, n_actions]``
+        standard normals (``NoiseBlocks``).
+        """
         if self.discrete:
-            if deterministic:
+            if noise is None:
                 return scores.argmax(1)
-            return torch.multinomial(scores.softmax(1), 1, generator=self.generator)[:, 0]
-        if deterministic:
+            cumulative = scores.log_softmax(1).exp().cumsum(1)
+            chosen = (cumulative <= noise[:, None]).sum(1)
+            return chosen.clamp(max=self.n_actions - 1)
+        if noise is None:
             return scores
-        noise = torch.randn(scores.shape, generator=self.generator, dtype=scores.dtype)
         return scores + self.log_std.exp() * noise
+
+    def draw(self, batch: int) -> Tensor:
+        """Noise for ``sample`` from ``predict``'s own generator."""
+        if self.discrete:
+            return torch.rand(batch, generator=self.generator, dtype=self.value_dtype)
+        shape = (batch, self.n_actions)
+        return torch.randn(shape, generator=self.generator, dtype=self.value_dtype)
 
     def action_input(self, action: Tensor) -> Tensor:
         """The learner's encoding of actions: one-hot ``[B, A]`` or the box action."""
@@ -248,7 +314,7 @@ class RTRLPolicy(BasePolicy):
 
         Returns:
             ``d log pi / d(actor params)`` (``[B, ...]`` each), ``d log pi / d phi: [B, F]``
-            and ``dH / d(actor params)``.
+            and ``dH / d logits: [B, A]`` (zeros for boxes: see ``entropy_gradient``).
         """
         if self.discrete:
             log_p = scores.log_softmax(1)
@@ -259,7 +325,7 @@ class RTRLPolicy(BasePolicy):
             return (
                 {"weight": score[:, :, None] * features[:, None, :]},
                 score @ self.actor_weight[0],
-                {"weight": entropy_score[:, :, None] * features[:, None, :]},
+                entropy_score,
             )
         variance = torch.exp(2 * self.log_std)
         deviation = action.to(self.value_dtype) - scores
@@ -270,11 +336,18 @@ class RTRLPolicy(BasePolicy):
                 "log_std": deviation**2 / variance - 1.0,
             },
             mean_score @ self.actor_weight[0],
-            {
-                "weight": torch.zeros_like(self.actor_weight).expand(len(features), -1, -1),
-                "log_std": torch.ones_like(deviation),
-            },
+            torch.zeros_like(scores),
         )
+
+    def entropy_gradient(self, features: Tensor, entropy_score: Tensor) -> dict[str, Tensor]:
+        """``dH(pi(s))/d(actor params)`` per stream, from ``phi: [B, F]`` and ``dH/d logits:
+        [B, A]`` (discrete; a Gaussian's entropy depends on its log-std alone)."""
+        if self.discrete:
+            return {"weight": entropy_score[:, :, None] * features[:, None, :]}
+        return {
+            "weight": torch.zeros_like(self.actor_weight).expand(len(features), -1, -1),
+            "log_std": torch.ones_like(entropy_score),
+        }
 
     # ------------------------------------------------------------------ SB3's policy API
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not used
@@ -323,7 +396,7 @@ class RTRLPolicy(BasePolicy):
             x = self.learner_input(batch_observation, previous_action, update=False)
             carry, h = self.core.functional_step(self.core.params, carry, x)
             scores = self.action_scores(self.head_features(h, x))
-            action = self.sample(scores, deterministic)
+            action = self.sample(scores, None if deterministic else self.draw(batch))
         next_state = (*(part.numpy() for part in carry), self.action_input(action).numpy())
         actions = self._env_actions(action)
         return (actions[0] if single else actions), next_state
@@ -350,7 +423,19 @@ class RTRLPolicy(BasePolicy):
             "critic_trace": {k: v.clone() for k, v in self.critic_trace.items()},
             "actor_trace": {k: v.clone() for k, v in self.actor_trace.items()},
             "core_trace": {k: v.clone() for k, v in self.core_trace.items()},
+            "transition": {
+                name: getattr(self, name).clone()
+                for name in (
+                    "started",
+                    "action_state",
+                    "previous_value",
+                    "previous_features",
+                    "previous_entropy_score",
+                    "log_sums",
+                )
+            },
             "generator": self.generator.get_state(),
+            "noise": self.noise.state_dict(),
         }
 
     def load_state_dict(  # type: ignore[override]
@@ -371,7 +456,11 @@ class RTRLPolicy(BasePolicy):
         for name in ("critic_trace", "actor_trace", "core_trace"):
             for key, trace in getattr(self, name).items():
                 trace.copy_(state[name][key])
+        self.reset_transition()
+        for name, value in state["transition"].items():
+            getattr(self, name).copy_(value)
         self.generator.set_state(state["generator"])
+        self.noise.load_state_dict(state["noise"])
         return None
 
 
@@ -396,6 +485,10 @@ class RTRLActorCritic(BaseAlgorithm):
         log_interval: steps between two dumps of the logger (``rollout/`` and ``train/``).
         torch_threads: torch's intra-op threads while learning (the agent's tensors are tiny;
             a thread pool only adds synchronisation).
+        backend: ``auto``: the learner's compiled actor-critic step where its kernel has one
+            (``agentstate.rl.fused_step``), else torch ops; ``eager``: always torch ops;
+            ``fused``: the compiled step or an error saying why not. Both act and learn
+            alike (tests/test_actor_critic.py).
         seed, verbose, tensorboard_log, device: as in SB3 (the agent runs on the CPU).
     """
 
@@ -411,6 +504,7 @@ class RTRLActorCritic(BaseAlgorithm):
         policy: str | type[RTRLPolicy] = "RTRLPolicy",
         log_interval: int = 1000,
         torch_threads: int = 1,
+        backend: str = "auto",
         tensorboard_log: str | None = None,
         verbose: int = 0,
         seed: int | None = None,
@@ -435,6 +529,9 @@ class RTRLActorCritic(BaseAlgorithm):
         self.config = config or ActorCriticConfig()
         self.log_interval = log_interval
         self.torch_threads = torch_threads
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         if _init_setup_model:
             self._setup_model()
 
@@ -450,9 +547,16 @@ class RTRLActorCritic(BaseAlgorithm):
             seed=self.seed,
         )
         self._episode_starts = np.ones(self.n_envs, dtype=bool)
+        self._pending_actions: np.ndarray | None = None
+        self._fused = fused_step(self.policy, self.backend)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether learning steps run through the learner's compiled kernel."""
+        return self._fused is not None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_episode_starts", "_step_state"]
+        return [*super()._excluded_save_params(), "_episode_starts", "_pending_actions", "_fused"]
 
     # ------------------------------------------------------------------ learning
     def learn(  # type: ignore[override]
@@ -471,13 +575,13 @@ class RTRLActorCritic(BaseAlgorithm):
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
         callback.on_training_start(locals(), globals())
-        if reset_num_timesteps or getattr(self, "_step_state", None) is None:
-            self._start_episodes()
-        started, last_dump = time.perf_counter(), self.num_timesteps
-        callback.on_rollout_start()
         threads = torch.get_num_threads()
         torch.set_num_threads(self.torch_threads)  # tiny tensors: threads only synchronise
         try:
+            if reset_num_timesteps or getattr(self, "_pending_actions", None) is None:
+                self._start_episodes()
+            started, last_dump = time.perf_counter(), self.num_timesteps
+            callback.on_rollout_start()
             while self.num_timesteps < total_timesteps:
                 infos, dones = self._step()
                 self.num_timesteps += self.n_envs
@@ -495,87 +599,122 @@ class RTRLActorCritic(BaseAlgorithm):
         return self
 
     def _start_episodes(self) -> None:
-        """Reset the envs and take every stream's first step of the core."""
-        assert self.env is not None
+        """Start every stream afresh from the envs' first observations (``_setup_learn``
+        has just reset them): the core's state, the traces, and the first action."""
         policy = self.policy
-        observation = self._last_obs  # _setup_learn has just reset the envs
-        policy.core.reset()
+        policy.core.reset(in_place=self._fused is not None)
         policy.reset_traces()
-        no_action = torch.zeros(self.n_envs, policy.n_actions, dtype=policy.value_dtype)
-        x = policy.learner_input(observation, no_action, update=True)
-        h = policy.core.step(x)
-        self._step_state = (x, h)
-        self._sums = {"delta_squared": 0.0, "steps": 0, "value": 0.0}
+        policy.reset_transition()
+        self._pending_actions = self._agent_step(self._last_obs, None, None, None)
 
     def _step(self) -> tuple[list[dict[str, Any]], np.ndarray]:
-        """One transition of every env, and one AC(lambda) update from it."""
+        """One transition of every env, and the agent's step that learns from it."""
         assert self.env is not None
+        observation, reward, dones, infos = self.env.step(self._pending_actions)
+        self._pending_actions = self._agent_step(observation, reward, dones, infos)
+        return list(infos), np.asarray(dones, dtype=bool)
+
+    def _agent_step(
+        self, observation: Any, reward: Any, dones: Any, infos: Any
+    ) -> np.ndarray:
+        """Learn from the transition that ended in ``observation`` and choose the next actions.
+
+        ``reward``, ``dones`` and ``infos`` are the env's for that transition (None on the
+        first step of learning, which has no transition behind it). Per stream: the core
+        steps on ``[x^, a_t]``; the TD error of the transition drives ObGD steps of the heads
+        and the core with the traces of ``s_t``; then ``a_t+1`` is drawn and the traces take
+        in the gradients at ``s_t+1`` (module docstring).
+
+        Returns:
+            The actions for the envs.
+        """
+        policy = self.policy
+        streams = self.n_envs
+        encoded = policy.encode(observation, streams)
+        bootstrap = torch.zeros(streams, dtype=policy.value_dtype)
+        if reward is None:
+            done = torch.zeros(streams, dtype=torch.bool)
+            reward_t = torch.zeros(streams, dtype=torch.float64)
+        else:
+            done = torch.as_tensor(np.asarray(dones, dtype=bool))
+            reward_t = torch.as_tensor(np.asarray(reward, dtype=np.float64))
+            if not bool(torch.isfinite(reward_t).all()):
+                stream = int((~torch.isfinite(reward_t)).nonzero()[0, 0])
+                raise NonFiniteInputError(
+                    f"reward of stream {stream} is not finite at step {self.num_timesteps}; "
+                    "clean the environment's output"
+                )
+            truncated = [bool(info.get("TimeLimit.truncated", False)) for info in infos]
+            if any(truncated):
+                bootstrap = self._bootstrap_values(infos, np.asarray(truncated))
+            if bool(done.any()):
+                policy.core.reset(done, in_place=self._fused is not None)
+        noise = policy.noise.next()
+        if self._fused is not None:
+            action = self._fused.step(encoded, reward_t, done, bootstrap, noise).clone()
+        else:
+            action = self._eager_step(encoded, reward_t, done, bootstrap, noise)
+        return policy._env_actions(action)
+
+    def _eager_step(
+        self, encoded: Tensor, reward: Tensor, done: Tensor, bootstrap: Tensor, noise: Tensor
+    ) -> Tensor:
+        """``_agent_step`` in torch ops (the reference for the compiled step)."""
         policy, config = self.policy, self.config
-        x, h = self._step_state
-        features = policy.head_features(h, x)
-        value = policy.value(features)
-        scores = policy.action_scores(features)
-        action = policy.sample(scores, deterministic=False)
-        log_pi, dlog_pi_dphi, entropy_gradient = policy.policy_gradients(features, scores, action)
-
-        # Traces with the gradients at s_t, before the core moves on.
-        decay = config.gamma * config.lambda_
-        n = policy.core.n_features
-        core_gradient = policy.core.grad(policy.critic_weight[:, :n] + dlog_pi_dphi[:, :n])
-        _accumulate(policy.critic_trace, {"weight": features}, decay)
-        _accumulate(policy.actor_trace, log_pi, decay)
-        _accumulate(policy.core_trace, core_gradient, decay)
-
-        observation, reward, dones, infos = self.env.step(policy._env_actions(action))
-        dones = np.asarray(dones, dtype=bool)
-        truncated = np.array([bool(info.get("TimeLimit.truncated", False)) for info in infos])
-        done = torch.as_tensor(dones)
-        reward_t = torch.as_tensor(np.asarray(reward, dtype=np.float64))
-        if not bool(torch.isfinite(reward_t).all()):
-            stream = int((~torch.isfinite(reward_t)).nonzero()[0, 0])
-            raise NonFiniteInputError(f"reward of stream {stream} is not finite at step "
-                                      f"{self.num_timesteps}; clean the environment's output")
-        scaled_reward = (
-            policy.reward_scaler.scale(reward_t, done) if config.scale_rewards else reward_t
-        ).to(policy.value_dtype)
-
-        previous_action = policy.action_input(action)
-        bootstrap = self._bootstrap_values(infos, truncated, previous_action)
-        # The next observation: a new episode's first where an episode ended.
-        previous_action = torch.where(done[:, None], 0.0, previous_action)
-        x_next = policy.learner_input(observation, previous_action, update=True)
-        if dones.any():
-            policy.core.reset(done)
-        h_next = policy.core.step(x_next)
-        if not bool(torch.isfinite(h_next).all()):
+        started = bool(policy.started)
+        if started and config.scale_rewards:
+            reward = policy.reward_scaler.scale(reward, done)
+        previous_action = policy.action_state.masked_fill(done[:, None], 0.0)
+        x = policy.learner_input(encoded, previous_action, update=True)
+        h = policy.core.step(x)
+        if not bool(torch.isfinite(h).all()):
             raise LearnerDivergedError(
                 f"the recurrent core's state is not finite at step {self.num_timesteps}"
             )
-        next_value = policy.value(policy.head_features(h_next, x_next))
-        next_value = torch.where(done, bootstrap, next_value)
-        td_error = scaled_reward + config.gamma * next_value - value
-        self._update(td_error, entropy_gradient)
-        if dones.any():  # credit never crosses an episode boundary
-            for traces in (policy.critic_trace, policy.actor_trace, policy.core_trace):
-                for trace in traces.values():
-                    trace[done] = 0.0
-        self._step_state = (x_next, h_next)
-        self._sums["delta_squared"] += float((td_error**2).mean())
-        self._sums["value"] += float(value.mean())
-        self._sums["steps"] += 1
-        return list(infos), dones
+        policy.match_core_traces()
+        features = policy.head_features(h, x)
+        if started:
+            next_value = torch.where(done, bootstrap, policy.value(features))
+            td_error = reward.to(policy.value_dtype) + config.gamma * next_value
+            td_error = td_error - policy.previous_value
+            entropy_gradient = policy.entropy_gradient(
+                policy.previous_features, policy.previous_entropy_score
+            )
+            self._update(td_error, entropy_gradient)
+            policy.log_sums += torch.stack(
+                [(td_error**2).mean(), policy.previous_value.mean(), torch.ones((), dtype=td_error.dtype)]
+            ).double()
+        # Credit never crosses an episode boundary: the traces of ended episodes restart.
+        decay = torch.full_like(policy.previous_value, config.gamma * config.lambda_)
+        decay = decay.masked_fill(done, 0.0)
+        value = policy.value(features)
+        scores = policy.action_scores(features)
+        action = policy.sample(scores, noise)
+        log_pi, dlog_pi_dphi, entropy_score = policy.policy_gradients(features, scores, action)
+        _accumulate(policy.critic_trace, {"weight": features}, decay)
+        _accumulate(policy.actor_trace, log_pi, decay)
+        if self._trains_core():
+            n = policy.core.n_features
+            core_gradient = policy.core.grad(policy.critic_weight[:, :n] + dlog_pi_dphi[:, :n])
+            _accumulate(policy.core_trace, core_gradient, decay)
+        policy.previous_value.copy_(value)
+        policy.previous_features.copy_(features)
+        policy.previous_entropy_score.copy_(entropy_score)
+        policy.action_state.copy_(policy.action_input(action))
+        policy.started.fill_(True)
+        return action
 
-    def _bootstrap_values(
-        self, infos: Any, truncated: np.ndarray, previous_action: Tensor
-    ) -> Tensor:
-        """``v`` of the last observation of truncated episodes (0 for terminated ones)."""
+    def _trains_core(self) -> bool:
+        return bool(self.config.learner_step_size) and bool(self.policy.core.params)
+
+    def _bootstrap_values(self, infos: Any, truncated: np.ndarray) -> Tensor:
+        """``v`` of the last observation of truncated episodes (0 elsewhere), with the core,
+        heads and statistics as they stand before this step."""
         policy = self.policy
         values = torch.zeros(self.n_envs, dtype=policy.value_dtype)
-        if not truncated.any():
-            return values
         streams = np.flatnonzero(truncated)
         last = np.stack([infos[b]["terminal_observation"] for b in streams])
-        x = policy.learner_input(last, previous_action[streams], update=False)
+        x = policy.learner_input(last, policy.action_state[streams], update=False)
         carry = tuple(part[streams] for part in policy.core.carry)
         with torch.no_grad():
             _, h = policy.core.functional_step(policy.core.params, carry, x)
@@ -606,25 +745,25 @@ class RTRLActorCritic(BaseAlgorithm):
             for key, param in heads["actor"].items():
                 step = scale.view(-1, *([1] * (entropy_gradient[key].dim() - 1)))
                 param += (step * entropy_gradient[key]).mean(0, keepdim=True)
-        if config.learner_step_size and policy.core.params:
+        if self._trains_core():
             obgd_update(policy.core.params, policy.core_trace, td_error,
                         config.learner_step_size, config.learner_kappa)
 
     def _dump_logs(self, started: float) -> None:
-        sums = self._sums
         if self.ep_info_buffer:
             returns = [info["r"] for info in self.ep_info_buffer]
             lengths = [info["l"] for info in self.ep_info_buffer]
             self.logger.record("rollout/ep_rew_mean", float(np.mean(returns)))
             self.logger.record("rollout/ep_len_mean", float(np.mean(lengths)))
-        steps = max(sums["steps"], 1)
-        self.logger.record("train/td_error_squared", sums["delta_squared"] / steps)
-        self.logger.record("train/value", sums["value"] / steps)
+        squared, value, steps = self.policy.log_sums.tolist()
+        steps = max(steps, 1.0)
+        self.logger.record("train/td_error_squared", squared / steps)
+        self.logger.record("train/value", value / steps)
         elapsed = max(time.perf_counter() - started, 1e-9)
         self.logger.record("time/fps", int(self.num_timesteps / elapsed))
         self.logger.record("time/total_timesteps", self.num_timesteps)
         self.logger.dump(step=self.num_timesteps)
-        self._sums = {"delta_squared": 0.0, "steps": 0, "value": 0.0}
+        self.policy.log_sums.zero_()
 
     # ------------------------------------------------------------------ acting
     def predict(  # type: ignore[override]
@@ -638,10 +777,10 @@ class RTRLActorCritic(BaseAlgorithm):
         return self.policy.predict(observation, state, episode_start, deterministic)
 
 
-def _accumulate(traces: dict[str, Tensor], gradient: Mapping[str, Tensor], decay: float) -> None:
-    """``z <- decay z + g`` in place, for every parameter."""
+def _accumulate(traces: dict[str, Tensor], gradient: Mapping[str, Tensor], decay: Tensor) -> None:
+    """``z <- decay z + g`` in place, for every parameter (``decay: [B]``, per stream)."""
     for key, trace in traces.items():
-        trace.mul_(decay).add_(gradient[key])
+        trace.mul_(decay.view(-1, *([1] * (trace.dim() - 1)))).add_(gradient[key])
 
 
 def _is_batched(observation: Any, space: spaces.Space) -> bool:

@@ -34,29 +34,36 @@ class RunningMeanStd:
         ([2.0, 0.0], [1.0, 0.0])
     """
 
-    def __init__(self, size: int, eps: float = 1e-8, dtype: torch.dtype = torch.float64) -> None:
-        self.count = 0
-        self.mean = torch.zeros(size, dtype=dtype)
-        self.sum_of_squares = torch.zeros(size, dtype=dtype)
+    def __init__(self, size: int, eps: float = 1e-8) -> None:
+        self.sample_count = torch.zeros((), dtype=torch.float64)
+        """How many rows were folded in (a float64 scalar tensor, updated in place)."""
+        self.mean = torch.zeros(size, dtype=torch.float64)
+        self.sum_of_squares = torch.zeros(size, dtype=torch.float64)
         """Sum of squared deviations from the mean (Welford's ``M2``)."""
         self.eps = eps
 
     @property
+    def count(self) -> int:
+        """How many rows were folded in."""
+        return int(self.sample_count)
+
+    @property
     def variance(self) -> Tensor:
         """Population variance of everything seen (0 before any data)."""
-        return self.sum_of_squares / max(self.count, 1)
+        return self.sum_of_squares / max(float(self.sample_count), 1.0)
 
     def update(self, batch: Tensor) -> None:
-        """Fold ``batch: [n, size]`` in."""
+        """Fold ``batch: [n, size]`` in (every tensor is updated in place)."""
         batch = batch.to(self.mean.dtype)
-        n = batch.shape[0]
+        n = float(batch.shape[0])
+        count = float(self.sample_count)
         batch_mean = batch.mean(0)
         batch_squares = ((batch - batch_mean) ** 2).sum(0)
-        total = self.count + n
+        total = count + n
         delta = batch_mean - self.mean
         self.mean += delta * (n / total)
-        self.sum_of_squares += batch_squares + delta**2 * (self.count * n / total)
-        self.count = total
+        self.sum_of_squares += batch_squares + delta**2 * (count * n / total)
+        self.sample_count.fill_(total)
 
     def normalize(self, x: Tensor) -> Tensor:
         """``(x - mean) / sqrt(variance + eps)`` in ``x``'s dtype."""
@@ -74,7 +81,7 @@ class RunningMeanStd:
                 f"running statistics of size {tuple(state['mean'].shape)} cannot load into "
                 f"size {tuple(self.mean.shape)}"
             )
-        self.count = int(state["count"])
+        self.sample_count.fill_(float(state["count"]))
         self.mean.copy_(state["mean"])
         self.sum_of_squares.copy_(state["m2"])
 
@@ -96,10 +103,10 @@ class RewardScaler:
 
         ``done: [B]`` bool marks the transitions that ended their episode.
         """
-        self.discounted_sum = self.gamma * self.discounted_sum + reward.double()
+        self.discounted_sum.mul_(self.gamma).add_(reward.double())
         self.statistics.update(self.discounted_sum[:, None])
         scaled = reward.double() / torch.sqrt(self.statistics.variance[0] + self.statistics.eps)
-        self.discounted_sum = torch.where(done, 0.0, self.discounted_sum)
+        self.discounted_sum.masked_fill_(done, 0.0)
         return scaled.to(reward.dtype)
 
     def state_dict(self) -> dict[str, Any]:

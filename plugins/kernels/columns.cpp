@@ -3,7 +3,7 @@
 // into one sweep over its sensitivities, so that every large array (sensitivities, traces,
 // weights, optimiser state) is read and written once per step.
 
-#include <agentstate/engine.h>
+#include <agentstate/actor_critic.h>
 
 namespace {
 
@@ -38,9 +38,10 @@ struct ColumnStep {
   T h_prev;
 };
 
-template <typename T>
-int td_columns(const TDArgs& td, const ColumnArgs& col) {
-  Engine<T> engine(td);
+// One step of every stream through `engine` (the TD engine, or actor_critic.h's).
+template <typename T, typename E>
+int columns_step(E& engine, const ColumnArgs& col) {
+  const TDArgs& td = engine.td;
   const index B = engine.B, P = engine.P, d = engine.d, n = engine.n, K = engine.K;
   const index L = col.columns_per_stage, active = col.active_stage;
   const index m = d + active * L + 2;  // the active stage's column input size
@@ -280,7 +281,15 @@ int td_columns(const TDArgs& td, const ColumnArgs& col) {
   return 0;
 }
 
+template <typename T>
+int td_columns(const TDArgs& td, const ColumnArgs& col) {
+  Engine<T> engine(td);
+  return columns_step<T>(engine, col);
+}
+
 }  // namespace
+
+AGENTSTATE_ACTOR_CRITIC_ENTRIES(td_columns, columns_step, ColumnArgs)
 
 extern "C" {
 int td_columns_float32(const TDArgs* td, const ColumnArgs* args) { return td_columns<float>(*td, *args); }

@@ -78,8 +78,8 @@ inline void stage_outer(T* __restrict out, const T* __restrict scale, index rows
 // row at a time is formed). Shared weights go row by row, each weight times the inputs of
 // every stream (the inputs transposed to [width, B]) in combine_columns' register blocks;
 // every sum runs over the row in order.
-template <typename T>
-void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stride,
+template <typename T, typename E>
+void matvec_all_streams(const E& engine, const T* weight, index row_stride,
                         const T* offset, index rows, index width, const T* input,
                         index input_stride, T* out, index out_by_row = 0,
                         const T* mask = nullptr, index mask_rows = 1) {
@@ -136,9 +136,10 @@ void matvec_all_streams(const Engine<T>& engine, const T* weight, index row_stri
 // stages per-row products there so that its trace and update loops run over the whole chunk
 // at once (rows of a small network are too short to vectorise one by one); it has
 // STAGING_LANES entries of slack for stage_outer.
-template <typename T, typename Body, typename Apply>
-void sweep_rows(const Engine<T>& engine, index rows, index row_entries, index work, bool train,
+template <typename E, typename Body, typename Apply>
+void sweep_rows(const E& engine, index rows, index row_entries, index work, bool train,
                 const Body& body, const Apply& apply) {
+  using T = typename E::value_type;
   const index B = engine.B, P = engine.P;
   const index threads = threads_for(engine.td, work, rows);
   const index chunk = std::max<index>(

@@ -2,6 +2,7 @@
 // RTRL; each of its five parameters has its own traces and optimiser state.
 
 #include "dense.h"
+#include <agentstate/actor_critic.h>
 
 namespace {
 
@@ -11,9 +12,10 @@ enum ElementwiseParameter : index {
   GATE_INPUT_WEIGHT = 0, GATE_CELL_WEIGHT, GATE_BIAS, OUTPUT_WEIGHT, OUTPUT_BIAS, N_PARAMETERS
 };
 
-template <typename T>
-int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
-  Engine<T> engine(td);
+// One step of every stream through `engine` (the TD engine, or actor_critic.h's).
+template <typename T, typename E>
+int elstm_step(E& engine, const ElementwiseArgs& cells) {
+  const TDArgs& td = engine.td;
   const index B = engine.B, P = engine.P, D = engine.d, N = engine.n, K = engine.K;
   const index rows = 2 * N;        // gate rows (g, n): z then f
   const index width = D + 2;       // a sensitivity row: [W_g[n], w_g[n], b_g[n]]
@@ -257,7 +259,15 @@ int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
   return 0;
 }
 
+template <typename T>
+int td_elstm(const TDArgs& td, const ElementwiseArgs& cells) {
+  Engine<T> engine(td);
+  return elstm_step<T>(engine, cells);
+}
+
 }  // namespace
+
+AGENTSTATE_ACTOR_CRITIC_ENTRIES(td_elstm, elstm_step, ElementwiseArgs)
 
 extern "C" {
 int td_elstm_float32(const TDArgs* td, const ElementwiseArgs* args) { return td_elstm<float>(*td, *args); }

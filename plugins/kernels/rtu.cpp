@@ -12,7 +12,7 @@
 // and trace = gamma lambda trace + grad, grad from e = v (.) f'(c) and the sensitivities.
 // Element-wise operations follow the eager ops' order, so that each rounds the same way.
 
-#include <agentstate/engine.h>
+#include <agentstate/actor_critic.h>
 
 namespace {
 
@@ -38,9 +38,10 @@ inline T slope(index activation, T c) {
   return T(1);
 }
 
-template <typename T>
-int td_rtu(const TDArgs& td, const RTUArgs& cells) {
-  Engine<T> engine(td);
+// One step of every stream through `engine` (the TD engine, or actor_critic.h's).
+template <typename T, typename E>
+int rtu_step(E& engine, const RTUArgs& cells) {
+  const TDArgs& td = engine.td;
   const index B = engine.B, P = engine.P, D = engine.d, K = engine.K;
   const index N = engine.n / 2;  // units; h and c are [B, 2, N]
   const index width = D + 2;     // a sensitivity row: [E (D), S^nu, S^theta]
@@ -168,7 +169,15 @@ int td_rtu(const TDArgs& td, const RTUArgs& cells) {
   return 0;
 }
 
+template <typename T>
+int td_rtu(const TDArgs& td, const RTUArgs& cells) {
+  Engine<T> engine(td);
+  return rtu_step<T>(engine, cells);
+}
+
 }  // namespace
+
+AGENTSTATE_ACTOR_CRITIC_ENTRIES(td_rtu, rtu_step, RTUArgs)
 
 extern "C" {
 int td_rtu_float32(const TDArgs* td, const RTUArgs* args) { return td_rtu<float>(*td, *args); }
