@@ -16,6 +16,9 @@ least disturbed), with the implementations measured alternately in rounds.
 * ``scaling``: per-step cost from ~1e3 to ~1e6 parameters per network, with the fitted
   log-log slope (cost ~ parameters^slope), for columnar, CCN, SnAp-1, eLSTM, UORO and T-BPTT
   (against its hidden units, where the theory says 2);
+* ``actor_critic``: the streaming actor-critic's learning step (``agentstate.rl``), env
+  excluded, against the fused TD step of the same learner (same core, float64 as the agent
+  runs), side by side; target: at most ``ACTOR_CRITIC_TARGET`` times the TD step;
 * ``threads``: the fused kernel on every core (``torch.set_num_threads(cores)``) against one,
   side by side, for the large cases and the scaling runs: the second core is used where a
   step is big enough to pay for a thread (``agentstate.fused.PARALLEL_GRAIN``).
@@ -118,6 +121,35 @@ SCALING_STREAMS = 32
 LINEAR_SLOPE = (0.9, 1.1)
 QUADRATIC_SLOPE = (1.8, 2.2)
 """T-BPTT's slope against its hidden units (2 x the linear band)."""
+
+
+@dataclass(frozen=True)
+class ActorCriticCase:
+    """One row of the actor-critic table: a core, its options and the envs (streams)."""
+
+    label: str
+    learner: str
+    streams: int
+    options: dict[str, Any]
+    last_stage: bool = False
+
+
+ACTOR_CRITIC_OBSERVATION = 12
+ACTOR_CRITIC_ACTIONS = 2
+"""The agent's observation size and discrete actions: the core reads 12 + 2 inputs."""
+ACTOR_CRITIC_TARGET = 2.0
+"""The actor-critic step may cost at most this many fused TD steps of the same core."""
+CCN_20_4 = {"n_features": 20, "columns_per_stage": 4, "steps_per_stage": 10**12}
+ACTOR_CRITIC_CASES = tuple(
+    ActorCriticCase(f"{name} ({streams} streams)", learner, streams, options, learner == "ccn")
+    for name, learner, options in (
+        ("columnar 7", "columnar", {"n_features": 7}),
+        ("CCN 20:4", "ccn", CCN_20_4),
+        ("eLSTM 8", "elstm", {"n_features": 8}),
+        ("RTU 8 units", "rtu", {"n_features": 16}),
+    )
+    for streams in (1, 32)
+)
 
 
 # ---------------------------------------------------------------------- timing
@@ -320,6 +352,69 @@ def measure_case(
     return row
 
 
+def actor_critic_steps(case: ActorCriticCase, pool: int = 64) -> dict[str, Callable[[], Any]]:
+    """Closures of one learning step each, on pre-drawn observations, rewards and ends.
+
+    The actor-critic's compiled and eager steps (``RTRLActorCritic._agent_step``: everything
+    between two env steps) and the fused TD step of the same core.
+    """
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agentstate.rl import RTRLActorCritic
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (ACTOR_CRITIC_OBSERVATION,), np.float32)
+    action_space = gym.spaces.Discrete(ACTOR_CRITIC_ACTIONS)
+
+    class Blank(gym.Env):
+        def __init__(self) -> None:
+            self.observation_space, self.action_space = observation_space, action_space
+
+    generator = np.random.default_rng(0)
+    shape = (pool, case.streams, ACTOR_CRITIC_OBSERVATION)
+    observations = (generator.random(shape) < 0.3).astype(np.float32)
+    rewards = generator.standard_normal((pool, case.streams)).astype(np.float32)
+    dones = generator.random((pool, case.streams)) < 0.01
+    infos = [{} for _ in range(case.streams)]
+    steps: dict[str, Callable[[], Any]] = {}
+    for name, backend in (("actor_critic", "fused"), ("actor_critic_eager", "eager")):
+        env = DummyVecEnv([Blank] * case.streams)
+        model = RTRLActorCritic(env, case.learner, case.options, seed=0, backend=backend)
+        if case.last_stage:
+            last_stage(model.policy.core)
+            model.policy.match_core_traces()
+        model._agent_step(observations[0], None, None, None)
+        transitions = itertools.cycle(range(pool))
+
+        def step(model: Any = model, transitions: Any = transitions) -> Any:
+            t = next(transitions)
+            return model._agent_step(observations[t], rewards[t], dones[t], infos)
+
+        steps[name] = step
+    core_inputs = ACTOR_CRITIC_OBSERVATION + ACTOR_CRITIC_ACTIONS
+    learner = make_learner(
+        case.learner, core_inputs, streams=case.streams, dtype=torch.float64, seed=0,
+        **case.options,
+    )  # fmt: skip
+    if case.last_stage:
+        last_stage(learner)
+    steps["td"] = td_step(predictor_for(learner, "fused"))
+    return steps
+
+
+def measure_actor_critic(case: ActorCriticCase, budget: float) -> dict[str, Any]:
+    """µs per stream-step of the actor-critic's steps and the TD step, side by side."""
+    seconds = time_side_by_side(
+        {name: with_threads(step, 1) for name, step in actor_critic_steps(case).items()}, budget
+    )
+    row: dict[str, Any] = asdict(case)
+    for name, value in seconds.items():
+        row[f"{name}_us"] = value / case.streams * 1e6
+    row["ratio"] = row["actor_critic_us"] / row["td_us"]
+    row["met"] = row["ratio"] <= ACTOR_CRITIC_TARGET
+    return row
+
+
 def columnar_step_bytes(streams: int, columns: int, inputs: int, cumulants: int = 1) -> int:
     """Bytes a fused TD step of a shared-parameter columnar network must move (``rmsprop_td``).
 
@@ -441,6 +536,7 @@ class Report:
     cases: list[dict[str, Any]] = field(default_factory=list)
     bandwidth: list[dict[str, Any]] = field(default_factory=list)
     scaling: list[dict[str, Any]] = field(default_factory=list)
+    actor_critic: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -496,6 +592,13 @@ def _measure(command: str, quick: bool, log: Callable[[str], None]) -> Report:
         if large:
             report.triad_gb_per_s = max(report.triad_gb_per_s, row["triad_gb_per_s"])
             report.bandwidth += bandwidth_rows(case, row)
+    for ac_case in ACTOR_CRITIC_CASES:
+        row = measure_actor_critic(ac_case, 0.05 if quick else 3.0)
+        report.actor_critic.append(row)
+        log(
+            f"actor-critic {ac_case.label}: {row['actor_critic_us']:.2f} µs, TD step "
+            f"{row['td_us']:.2f} µs ({row['ratio']:.2f}x)"
+        )
     for name in SCALING:
         row = measure_scaling(
             name, 0.02 if quick else 2.0, max_params=2e4 if quick else 2e6, threads=cores
@@ -625,5 +728,23 @@ def markdown(report: Report) -> str:
             f"| {row['learner']} | {row['backend']} | {row['input_size']} | "
             + " | ".join(cells)
             + f" | {slope} | {row['top_slope']:.2f} | {threaded} | {'yes' if met else '**no**'} |"
+        )
+    lines += [
+        "",
+        "Actor-critic (`agentstate.rl.RTRLActorCritic`, float64 as it runs): µs per "
+        "stream-step of its learning step between two env steps (the core's RTRL step, heads, "
+        "sampling, AC(λ) traces, ObGD; the env excluded), compiled and eager, against the "
+        "fused TD step of the same core (12 observations + 2 actions in), side by side. "
+        f"Target: compiled ≤ {ACTOR_CRITIC_TARGET:g}× the TD step.",
+        "",
+        "| core | compiled | eager | TD step | compiled / TD | eager / compiled | met |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in report.actor_critic:
+        lines.append(
+            f"| {row['label']} | {row['actor_critic_us']:.2f} | "
+            f"{row['actor_critic_eager_us']:.1f} | {row['td_us']:.2f} | {row['ratio']:.2f}× | "
+            f"{row['actor_critic_eager_us'] / row['actor_critic_us']:.0f}× | "
+            f"{'yes' if row['met'] else '**no**'} |"
         )
     return "\n".join(lines) + "\n"

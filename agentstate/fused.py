@@ -327,8 +327,9 @@ class TDArgs(ctypes.Structure):
 
 
 class ACArgs(ctypes.Structure):
-    """One step of the streaming actor-critic (``kernels/actor_critic.h``, bound by
-    ``agentstate.rl.fused_step``): sizes, settings and the agent's tensors.
+    """Sizes, settings and tensors of one streaming actor-critic step.
+
+    The struct of ``kernels/actor_critic.h``, bound by ``agentstate.rl.fused_step``.
 
     Observations, rewards and the running statistics are float64; everything else is the
     kernel's dtype. ``core_traces`` points at an array with one trace per learner parameter,

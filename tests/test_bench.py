@@ -38,6 +38,10 @@ def test_quick_bench_writes_every_table(tmp_path, capsys):
     batched = [row for row in report["cases"] if row["streams"] > 1 and row["target_us"]]
     assert batched and all(row["fused_independent_us"] > 0 for row in batched)
     assert {row["learner"] for row in report["scaling"]} == set(benchmark.SCALING)
+    compiled = {row["learner"] for row in report["actor_critic"]}
+    assert compiled == {"columnar", "ccn", "elstm", "rtu"}
+    assert all(row["actor_critic_us"] > 0 and row["td_us"] > 0 for row in report["actor_critic"])
     out = capsys.readouterr().out
     assert "| case | params | target | fused | fused indep. |" in out
     assert "| learner | backend |" in out
+    assert "| core | compiled | eager | TD step |" in out

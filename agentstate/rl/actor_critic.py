@@ -170,6 +170,8 @@ class RTRLPolicy(BasePolicy):
             0 if seed is None else int(seed) + 2,
         )
         """Draws of the learning steps (``RTRLActorCritic``)."""
+        self.generation = 0
+        """Counts the replacements of the agent's tensors (a compiled step rebinds on it)."""
         self.reset_traces()
         self.reset_transition()
 
@@ -183,6 +185,7 @@ class RTRLPolicy(BasePolicy):
 
     def reset_traces(self) -> None:
         """Zero every eligibility trace (and create them)."""
+        self.generation += 1
         streams, dtype = self.streams, self.value_dtype
         self.critic_trace = {"weight": torch.zeros(streams, self.n_head_features, dtype=dtype)}
         self.actor_trace = {
@@ -195,11 +198,15 @@ class RTRLPolicy(BasePolicy):
         }
 
     def match_core_traces(self) -> None:
-        """Give a core parameter that changed shape (a constructive learner's new stage) a
-        fresh zero trace: credit never carries over to parameters that did not exist."""
+        """Give a core parameter that changed shape a fresh zero trace.
+
+        A constructive learner's new stage: credit never carries over to parameters that did
+        not exist.
+        """
         for key, param in self.core.params.items():
             trace = self.core_trace.get(key)
             if trace is None or trace.shape[1:] != param.shape[1:]:
+                self.generation += 1
                 self.core_trace[key] = torch.zeros(
                     self.streams, *param.shape[1:], dtype=self.value_dtype
                 )
@@ -214,6 +221,7 @@ class RTRLPolicy(BasePolicy):
         ``dH/d logits`` at ``s_t``, discrete actions) and ``log_sums`` (float64 ``[3]``: sums of
         the mean squared TD error and the mean value, and the steps they sum over).
         """
+        self.generation += 1
         streams, dtype = self.streams, self.value_dtype
         self.started = torch.zeros((), dtype=torch.bool)
         self.action_state = torch.zeros(streams, self.n_actions, dtype=dtype)
@@ -229,8 +237,10 @@ class RTRLPolicy(BasePolicy):
         return encoded.to(torch.float64).contiguous()
 
     def check_finite(self, encoded: Tensor) -> None:
-        """Raise ``NonFiniteInputError`` naming the first stream and component that is not
-        finite in ``encoded: [B, observation_size]``."""
+        """Raise ``NonFiniteInputError`` naming the first non-finite entry of ``encoded``.
+
+        ``encoded: [B, observation_size]``; the error names the stream and the component.
+        """
         if not bool(torch.isfinite(encoded).all()):
             stream, component = (~torch.isfinite(encoded)).nonzero()[0].tolist()
             raise NonFiniteInputError(
@@ -340,8 +350,11 @@ class RTRLPolicy(BasePolicy):
         )
 
     def entropy_gradient(self, features: Tensor, entropy_score: Tensor) -> dict[str, Tensor]:
-        """``dH(pi(s))/d(actor params)`` per stream, from ``phi: [B, F]`` and ``dH/d logits:
-        [B, A]`` (discrete; a Gaussian's entropy depends on its log-std alone)."""
+        """``dH(pi(s))/d(actor params)`` per stream.
+
+        From ``phi: [B, F]`` and ``dH/d logits: [B, A]`` (discrete; a Gaussian's entropy
+        depends on its log-std alone).
+        """
         if self.discrete:
             return {"weight": entropy_score[:, :, None] * features[:, None, :]}
         return {
@@ -548,6 +561,7 @@ class RTRLActorCritic(BaseAlgorithm):
         )
         self._episode_starts = np.ones(self.n_envs, dtype=bool)
         self._pending_actions: np.ndarray | None = None
+        self._no_bootstrap = torch.zeros(self.n_envs, dtype=self.policy.value_dtype)
         self._fused = fused_step(self.policy, self.backend)
 
     @property
@@ -556,7 +570,8 @@ class RTRLActorCritic(BaseAlgorithm):
         return self._fused is not None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_episode_starts", "_pending_actions", "_fused"]
+        transient = ["_episode_starts", "_pending_actions", "_fused", "_no_bootstrap"]
+        return [*super()._excluded_save_params(), *transient]
 
     # ------------------------------------------------------------------ learning
     def learn(  # type: ignore[override]
@@ -599,8 +614,11 @@ class RTRLActorCritic(BaseAlgorithm):
         return self
 
     def _start_episodes(self) -> None:
-        """Start every stream afresh from the envs' first observations (``_setup_learn``
-        has just reset them): the core's state, the traces, and the first action."""
+        """Start every stream afresh from the envs' first observations.
+
+        ``_setup_learn`` has just reset the envs: the core's state, the traces and the
+        carried transition start over, and the first actions are drawn.
+        """
         policy = self.policy
         policy.core.reset(in_place=self._fused is not None)
         policy.reset_traces()
@@ -630,31 +648,44 @@ class RTRLActorCritic(BaseAlgorithm):
         """
         policy = self.policy
         streams = self.n_envs
-        encoded = policy.encode(observation, streams)
-        bootstrap = torch.zeros(streams, dtype=policy.value_dtype)
+        encoded = np.ascontiguousarray(policy.encoder.encode(observation, streams))
         if reward is None:
-            done = torch.zeros(streams, dtype=torch.bool)
-            reward_t = torch.zeros(streams, dtype=torch.float64)
+            done = np.zeros(streams, dtype=bool)
+            reward = np.zeros(streams)
         else:
-            done = torch.as_tensor(np.asarray(dones, dtype=bool))
-            reward_t = torch.as_tensor(np.asarray(reward, dtype=np.float64))
-            if not bool(torch.isfinite(reward_t).all()):
-                stream = int((~torch.isfinite(reward_t)).nonzero()[0, 0])
-                raise NonFiniteInputError(
-                    f"reward of stream {stream} is not finite at step {self.num_timesteps}; "
-                    "clean the environment's output"
-                )
-            truncated = [bool(info.get("TimeLimit.truncated", False)) for info in infos]
-            if any(truncated):
-                bootstrap = self._bootstrap_values(infos, np.asarray(truncated))
-            if bool(done.any()):
-                policy.core.reset(done, in_place=self._fused is not None)
-        noise = policy.noise.next()
+            done = np.ascontiguousarray(dones, dtype=bool)
+            reward = np.ascontiguousarray(reward, dtype=np.float64)
+        bootstrap = self._no_bootstrap
+        if done.any():  # SB3's vector envs end an episode where it is truncated, too
+            truncated = np.array([bool(info.get("TimeLimit.truncated", False)) for info in infos])
+            if truncated.any():
+                bootstrap = self._bootstrap_values(infos, truncated)
+            policy.core.reset(torch.from_numpy(done), in_place=self._fused is not None)
         if self._fused is not None:
-            action = self._fused.step(encoded, reward_t, done, bootstrap, noise).clone()
-        else:
-            action = self._eager_step(encoded, reward_t, done, bootstrap, noise)
+            status = self._fused.step(encoded, reward, done, bootstrap, policy.noise)
+            if status:
+                self._check_inputs(encoded, reward)
+                self._fused.raise_for(status, self.num_timesteps)
+            return policy._env_actions(self._fused.action).copy()
+        self._check_inputs(encoded, reward)
+        action = self._eager_step(
+            torch.from_numpy(encoded),
+            torch.from_numpy(reward),
+            torch.from_numpy(done),
+            bootstrap,
+            policy.noise.next(),
+        )
         return policy._env_actions(action)
+
+    def _check_inputs(self, encoded: np.ndarray, reward: np.ndarray) -> None:
+        """``NonFiniteInputError`` naming the first observation or reward not finite."""
+        self.policy.check_finite(torch.from_numpy(encoded))
+        if not np.isfinite(reward).all():
+            stream = int(np.flatnonzero(~np.isfinite(reward))[0])
+            raise NonFiniteInputError(
+                f"reward of stream {stream} is not finite at step {self.num_timesteps}; "
+                "clean the environment's output"
+            )
 
     def _eager_step(
         self, encoded: Tensor, reward: Tensor, done: Tensor, bootstrap: Tensor, noise: Tensor
@@ -681,9 +712,9 @@ class RTRLActorCritic(BaseAlgorithm):
                 policy.previous_features, policy.previous_entropy_score
             )
             self._update(td_error, entropy_gradient)
-            policy.log_sums += torch.stack(
-                [(td_error**2).mean(), policy.previous_value.mean(), torch.ones((), dtype=td_error.dtype)]
-            ).double()
+            one = torch.ones((), dtype=td_error.dtype)
+            sums = [(td_error**2).mean(), policy.previous_value.mean(), one]
+            policy.log_sums += torch.stack(sums).double()
         # Credit never crosses an episode boundary: the traces of ended episodes restart.
         decay = torch.full_like(policy.previous_value, config.gamma * config.lambda_)
         decay = decay.masked_fill(done, 0.0)
@@ -705,11 +736,14 @@ class RTRLActorCritic(BaseAlgorithm):
         return action
 
     def _trains_core(self) -> bool:
-        return bool(self.config.learner_step_size) and bool(self.policy.core.params)
+        """Whether the core has parameters to trace (a step size of 0 keeps them put)."""
+        return bool(self.policy.core.params)
 
     def _bootstrap_values(self, infos: Any, truncated: np.ndarray) -> Tensor:
-        """``v`` of the last observation of truncated episodes (0 elsewhere), with the core,
-        heads and statistics as they stand before this step."""
+        """``v`` of the last observation of truncated episodes (0 elsewhere).
+
+        With the core, heads and statistics as they stand before this step.
+        """
         policy = self.policy
         values = torch.zeros(self.n_envs, dtype=policy.value_dtype)
         streams = np.flatnonzero(truncated)

@@ -19,10 +19,12 @@ import ctypes
 import operator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from agentstate import fused
+from agentstate.rl.noise import NoiseBlocks
 from agentstate.wrappers.errors import LearnerDivergedError
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "eager", "fused")
 
-_STATUS_INPUT, _STATUS_STATE, _STATUS_UPDATE = 1, 2, 3
+_STATUS_STATE, _STATUS_UPDATE = 2, 3
 
 
 def unsupported_reason(policy: RTRLPolicy) -> str | None:
@@ -78,7 +80,8 @@ class FusedActorCriticStep:
 
     Per call: point the arguments at the step's inputs and run the kernel. The kernel's view
     of the tensors (their addresses) is rebuilt whenever one of them is replaced: a new
-    stage of a constructive core, reset traces, a loaded state.
+    stage of a constructive core (its layout's tensors), or the policy's traces or carried
+    transition (``RTRLPolicy.generation``).
     """
 
     def __init__(self, policy: RTRLPolicy, library: ctypes.CDLL) -> None:
@@ -90,6 +93,7 @@ class FusedActorCriticStep:
         self._args = fused.ACArgs()
         self._args_reference = ctypes.byref(self._args)
         self._bound: tuple[Any, ...] = ()
+        self._generation = -1
         self._keep_alive: list[Any] = []
         self._arguments: tuple[Any, ...] = ()
         action_dtype = torch.int64 if policy.discrete else policy.value_dtype
@@ -97,68 +101,58 @@ class FusedActorCriticStep:
         self.action = torch.zeros(shape, dtype=action_dtype)
 
     def step(
-        self, observation: Tensor, reward: Tensor, done: Tensor, bootstrap: Tensor, noise: Tensor
-    ) -> Tensor:
+        self,
+        observation: np.ndarray,
+        reward: np.ndarray,
+        done: np.ndarray,
+        bootstrap: Tensor,
+        noise: NoiseBlocks,
+    ) -> int:
         """One learning step of every stream (``RTRLActorCritic._agent_step``).
 
         Args:
-            observation: ``[B, observation_size]`` float64, encoded.
+            observation: ``[B, observation_size]`` float64, encoded, C-contiguous.
             reward: ``[B]`` float64 (ignored on the first step).
             done: ``[B]`` bool.
             bootstrap: ``[B]`` in the policy's dtype: ``v`` of truncated episodes' last
                 observations.
-            noise: this step's draws (``NoiseBlocks.next()``).
+            noise: the policy's draws; this step takes its next row.
 
         Returns:
-            The actions ``[B]`` (int64) or ``[B, A]`` (valid until the next step).
+            The kernel's status: 0, or the code :meth:`raise_for` explains. The actions are
+            in :attr:`action` (``[B]`` int64 or ``[B, A]``, rewritten by the next step).
         """
         policy = self.policy
         policy.core.begin_step()
-        policy.match_core_traces()
         layout = policy.core.fused_layout()  # type: ignore[attr-defined]
-        bound = self._binding(layout)
-        if len(bound) != len(self._bound) or not all(map(operator.is_, bound, self._bound)):
+        tensors = layout.tensors()
+        if (
+            policy.generation != self._generation
+            or len(tensors) != len(self._bound)
+            or not all(map(operator.is_, tensors, self._bound))
+        ):
+            policy.match_core_traces()
             self._bind(layout)
-            self._bound = bound
+            self._bound = tensors
+            self._generation = policy.generation
         args = self._args
-        args.observation = observation.data_ptr()
-        args.reward = reward.data_ptr()
-        args.done = done.data_ptr()
+        args.observation = observation.ctypes.data
+        args.reward = reward.ctypes.data
+        args.done = done.ctypes.data
         args.bootstrap = bootstrap.data_ptr()
-        args.noise = noise.data_ptr()
-        status = self._entry(*self._arguments)
-        if status != 0:
-            self._raise(status, observation)
-        return self.action
+        args.noise = noise.next_address()
+        return int(self._entry(*self._arguments))
 
-    def _raise(self, status: int, observation: Tensor) -> None:
-        steps = "this step"
-        if status == _STATUS_INPUT:
-            self.policy.check_finite(observation)  # names the stream and component
-            raise LearnerDivergedError(f"an input of {steps} is not finite")
+    def raise_for(self, status: int, step: int) -> None:
+        """Raise the error the kernel's ``status`` stands for (its inputs were finite)."""
         if status == _STATUS_STATE:
-            raise LearnerDivergedError(f"the recurrent core's state is not finite at {steps}")
+            raise LearnerDivergedError(f"the recurrent core's state is not finite at step {step}")
         if status == _STATUS_UPDATE:
             raise LearnerDivergedError(
-                f"the TD error or an eligibility trace is not finite at {steps}; no parameter "
-                "was changed (lower the step sizes)"
+                f"the TD error or an eligibility trace is not finite at step {step}; no "
+                "parameter was changed (lower the step sizes)"
             )
         raise RuntimeError(f"compiled actor-critic step {self.kernel.entry} failed ({status})")
-
-    def _binding(self, layout: Any) -> tuple[Any, ...]:
-        """Every tensor the kernel is bound to, for the identity check."""
-        policy = self.policy
-        return (
-            *layout.tensors(),
-            *policy.critic_trace.values(),
-            *policy.actor_trace.values(),
-            *policy.core_trace.values(),
-            policy.started,
-            policy.action_state,
-            policy.previous_value,
-            policy.observation_statistics.mean,
-            policy.reward_scaler.discounted_sum,
-        )
 
     def _bind(self, layout: Any) -> None:
         policy = self.policy
@@ -171,7 +165,7 @@ class FusedActorCriticStep:
         keys = [key_of[id(param)] for param in parameters]
         traces = [policy.core_trace[key] for key in keys]
         sizes = torch.tensor([trace[0].numel() for trace in traces], dtype=torch.int64)
-        trains = bool(config.learner_step_size) and bool(core.params)
+        trains = bool(core.params)
         settings: dict[str, Any] = {
             "streams": policy.streams,
             "param_streams": 1,
@@ -240,4 +234,3 @@ class FusedActorCriticStep:
         learner_arguments, arrays = layout.arguments(dtype)
         self._keep_alive = [trace_array, sizes, learner_arguments, *arrays]
         self._arguments = (self._args_reference, ctypes.byref(learner_arguments))
-

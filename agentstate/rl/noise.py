@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,16 +36,33 @@ class NoiseBlocks:
         self.generator = torch.Generator().manual_seed(seed)
         self.block = torch.empty(0, *self.shape, dtype=dtype)
         self.position = 0
+        self._rows = 0
+        self._address = 0
+        self._row_bytes = int(np.prod(self.shape)) * self.block.element_size()
 
     def next(self) -> Tensor:
         """This step's draws (a contiguous view, valid until the block is refilled)."""
-        if self.position == len(self.block):
+        self._advance()
+        return self.block[self.position - 1]
+
+    def next_address(self) -> int:
+        """The address of this step's draws (what ``next()`` would return), for a kernel."""
+        self._advance()
+        return self._address + (self.position - 1) * self._row_bytes
+
+    def _advance(self) -> None:
+        if self.position == self._rows:
             draw = torch.randn if self.normal else torch.rand
-            self.block = draw((BLOCK_STEPS, *self.shape), generator=self.generator, dtype=self.dtype)
-            self.position = 0
-        row = self.block[self.position]
+            self.block = draw(
+                (BLOCK_STEPS, *self.shape), generator=self.generator, dtype=self.dtype
+            )
+            self._adopt(0)
         self.position += 1
-        return row
+
+    def _adopt(self, position: int) -> None:
+        self.position = position
+        self._rows = len(self.block)
+        self._address = self.block.data_ptr()
 
     def state_dict(self) -> dict[str, Any]:
         """The generator, the current block and the position in it."""
@@ -61,5 +79,5 @@ class NoiseBlocks:
                 f"noise of shape {tuple(state['block'].shape[1:])} cannot load into {self.shape}"
             )
         self.generator.set_state(state["generator"])
-        self.block = state["block"].clone()
-        self.position = int(state["position"])
+        self.block = state["block"].to(self.dtype).contiguous().clone()
+        self._adopt(int(state["position"]))
