@@ -116,7 +116,7 @@ _POLL_SECONDS = 0.5
 
 
 # ---------------------------------------------------------------------- methods
-ALGORITHMS = ("PPO", "RecurrentPPO", "DQN")
+ALGORITHMS = ("PPO", "RecurrentPPO", "DQN", "RTRLActorCritic")
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,9 @@ class Method:
     """How a run builds its envs and its SB3 algorithm."""
 
     algorithm: str
-    """``PPO``, ``RecurrentPPO`` (sb3-contrib) or ``DQN``."""
+    """``PPO``, ``RecurrentPPO`` (sb3-contrib), ``DQN`` or ``RTRLActorCritic``
+    (``agentstate.rl``: its ``algorithm_kwargs`` name the learner, its options and the
+    ``config``)."""
     policy: str = "MlpPolicy"
     n_envs: int = 8
     """Parallel training envs (``DummyVecEnv``)."""
@@ -181,8 +183,18 @@ BUILTIN_METHODS: dict[str, Method] = {
     "ppo_agentstate": Method("PPO", agent_state={}),
     "dqn": Method("DQN", n_envs=1),
     "dqn_agentstate": Method("DQN", n_envs=1, agent_state={}),
+    **{
+        f"ac_{learner}": Method(
+            "RTRLActorCritic",
+            policy="RTRLPolicy",
+            algorithm_kwargs={"learner": learner, "learner_kwargs": {"n_features": 32}},
+        )
+        for learner in ("columnar", "elstm", "rtu")
+    },
 }
-"""The suite's methods: SB3 defaults, 8 envs for the PPO family, 1 for DQN."""
+"""The suite's methods: SB3 defaults, 8 envs for the PPO family, 1 for DQN; the streaming
+actor-critic with its defaults over three cores of 32 features (RTU: 16 complex units),
+8 envs as its streams."""
 
 
 def algorithm_class(name: str) -> type[BaseAlgorithm]:
@@ -191,6 +203,10 @@ def algorithm_class(name: str) -> type[BaseAlgorithm]:
         from sb3_contrib import RecurrentPPO  # the examples extra; only this method needs it
 
         return RecurrentPPO
+    if name == "RTRLActorCritic":
+        from agentstate.rl import RTRLActorCritic
+
+        return RTRLActorCritic
     classes: dict[str, type[BaseAlgorithm]] = {"PPO": PPO, "DQN": DQN}
     return classes[name]
 
@@ -452,7 +468,10 @@ def execute_bench_run(run: BenchRun, out_root: str, progress: Any) -> dict[str, 
     evaluate = _Evaluator(run, venv)
     algorithm = algorithm_class(run.method.algorithm)
     options = {"device": "cpu", "verbose": 0, **run.method.algorithm_kwargs}
-    model = algorithm(run.method.policy, venv, seed=run.seed, **options)
+    if run.method.algorithm == "RTRLActorCritic":  # its env comes first, its policy is fixed
+        model = algorithm(venv, seed=run.seed, torch_threads=run.cpus, **options)
+    else:
+        model = algorithm(run.method.policy, venv, seed=run.seed, **options)
     venv.seed(SEED_STRIDE * run.seed)  # after SB3's own env.seed(seed), before learn's reset
     setup_seconds = time.perf_counter() - started
 
