@@ -73,3 +73,32 @@ def test_the_plugins_compiled_step_takes_the_eager_steps(leaky_echo, independent
     )
     assert not torch.equal(fast.learner.params["weight"], predictor(
         leaky_echo, "eager", independent).learner.params["weight"])  # it learned
+
+
+@pytest.mark.expensive
+@pytest.mark.skipif(fused.load_kernel(COLUMNS_KERNEL) is None, reason="no C++ compiler")
+def test_the_plugins_kernel_also_runs_the_actor_critic(leaky_echo, monkeypatch):
+    """The same kernel body, opted in with one macro, gives the actor-critic its compiled
+    step with a leaky_echo core, acting and learning as the eager step does."""
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agentstate.rl import RTRLActorCritic, actor_critic
+
+    def make_leaky_echo(name, input_size, *, streams, dtype, seed, **options):
+        config = leaky_echo.LeakyEchoConfig(**options)
+        return leaky_echo.LeakyEcho(input_size, config, streams=streams, dtype=dtype, seed=seed)
+
+    monkeypatch.setattr(actor_critic, "make_learner", make_leaky_echo)
+    states = {}
+    for backend in ("eager", "fused"):
+        env = make_vec_env(lambda: gym.make("CartPole-v1"), n_envs=2, seed=0)
+        model = RTRLActorCritic(env, learner="leaky_echo", learner_kwargs={"n_features": 4},
+                                seed=0, backend=backend)  # fmt: skip
+        assert model.compiled == (backend == "fused")
+        states[backend] = model.learn(120).policy.state_dict()
+    for key in ("critic_weight", "actor_weight"):
+        fast, reference = states["fused"][key], states["eager"][key]
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-12)
+    weights = [states[b]["learner"]["params"]["weight"] for b in ("fused", "eager")]
+    torch.testing.assert_close(*weights, rtol=1e-9, atol=1e-12)

@@ -8,14 +8,18 @@
 //   S_j = leak S_j + (1 - leak)(1 - a_j^2) z          (dh_j / dW_j, exact)
 // then, after the engine's heads and TD error: W += step(delta * trace) with the previous
 // traces, and trace = gamma lambda trace + v_j S_j.
+//
+// The body is written against the engine's interface, so the same code also runs inside the
+// actor-critic engine (<agentstate/actor_critic.h>): AGENTSTATE_ACTOR_CRITIC_ENTRIES below
+// gives agentstate.rl.RTRLActorCritic a compiled step with a leaky_echo core.
 
-#include <agentstate/engine.h>
+#include <agentstate/actor_critic.h>
 
 namespace {
 
-template <typename T>
-int td_leaky_echo(const TDArgs& td, const LeakyEchoArgs& args) {
-  Engine<T> engine(td);
+template <typename T, typename E>
+int leaky_echo_step(E& engine, const LeakyEchoArgs& args) {
+  const TDArgs& td = engine.td;
   const index B = engine.B, P = engine.P, d = engine.d, n = engine.n, K = engine.K;
   const index m = d + 1;      // a weight row: the inputs and the bias
   const index block = n * m;  // one stream's weights (or sensitivities)
@@ -68,7 +72,15 @@ int td_leaky_echo(const TDArgs& td, const LeakyEchoArgs& args) {
   return 0;
 }
 
+template <typename T>
+int td_leaky_echo(const TDArgs& td, const LeakyEchoArgs& args) {
+  Engine<T> engine(td);
+  return leaky_echo_step<T>(engine, args);
+}
+
 }  // namespace
+
+AGENTSTATE_ACTOR_CRITIC_ENTRIES(td_leaky_echo, leaky_echo_step, LeakyEchoArgs)
 
 extern "C" {
 int td_leaky_echo_float32(const TDArgs* td, const LeakyEchoArgs* args) {
