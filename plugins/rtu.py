@@ -198,6 +198,8 @@ class RTULearner(StateLearner):
 
     def __init__(self, input_size: int, config: RTUConfig, **options: Any) -> None:
         super().__init__(input_size, config, **options)
+        # tanh bounds every entry of h by 1; relu and the identity leave it unbounded.
+        self.state_bound = 1.0 if config.activation == "tanh" else None
         units, param_streams = self.n_units, self.param_streams
         # r^2 uniform on [r_min^2, r_max^2], theta on [0, max_phase]; u in the open (0, 1)
         # keeps nu_log and theta_log finite at the defaults r_min = 0, r_max = 1.

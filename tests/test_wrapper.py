@@ -207,6 +207,16 @@ def test_state_bounds_are_honest_and_observation_bounds_kept():
     ).all()
 
 
+@pytest.mark.parametrize(("activation", "bound"), [("tanh", 1.0), ("relu", np.inf)])
+def test_a_learners_state_bound_can_depend_on_its_settings(activation, bound):
+    env = wrap(gym.make("CartPole-v1"), learner="rtu", activation=activation)
+    assert env.core.learner.state_bound == (None if bound == np.inf else bound)
+    assert (env.observation_space.high[4:] == bound).all()
+    assert (env.observation_space.low[4:] == -bound).all()
+    for observation in rollout(env, 30)[0]:
+        assert observation in env.observation_space
+
+
 def test_state_alone_when_the_observation_is_not_included():
     env = wrap(gym.make("CartPole-v1"), include_observation=False)
     observation, _ = env.reset(seed=0)
