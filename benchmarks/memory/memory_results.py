@@ -144,6 +144,23 @@ def _markdown(
             lines.append(f"| {task} | " + " | ".join(values) + " |")
         return [*lines, ""]
 
+    def suite_mean() -> list[str]:
+        # The criterion for defaults: each variant's mean return over the tasks that every
+        # variant finished (the same tasks for all, so that the means compare).
+        shared = [task for task in tasks if all((task, v) in cells for v in variants)]
+        if not shared:
+            return []
+        means = [
+            np.mean([cells[(task, variant)]["eval_return_mean"] for task in shared])
+            for variant in variants
+        ]
+        return [
+            f"| **mean over {len(shared)} tasks** | "
+            + " | ".join(f"**{mean:.3f}**" for mean in means)
+            + " |",
+            "",
+        ]
+
     def with_se(mean: float, se: float, digits: int) -> str:
         spread = "" if math.isnan(se) else f" ± {se:.{digits}f}"
         return f"{mean:.{digits}f}{spread}"
@@ -156,7 +173,8 @@ def _markdown(
         *table(
             "Final evaluation return (deterministic policy)",
             lambda row: with_se(row["eval_return_mean"], row["eval_return_se"], 2),
-        ),
+        )[:-1],
+        *suite_mean(),
         *table(
             "Training wall-clock, seconds per run (evaluation excluded)",
             lambda row: with_se(row["train_seconds_mean"], row["train_seconds_se"], 0),
