@@ -261,6 +261,20 @@ def test_a_diverging_update_stops_with_a_clear_error_and_writes_nothing():
     assert torch.isfinite(model.policy.core.params["weight"]).all()
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_a_policy_that_is_not_finite_stops_before_the_env_sees_its_action(backend):
+    """Box actions: an unbounded state or head would otherwise hand the env a NaN action,
+    whose NaN observation would then be blamed on the environment."""
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0,
+                            backend=backend)  # fmt: skip
+    model.learn(20)
+    model.policy.log_std.fill_(float("inf"))
+    with pytest.raises(LearnerDivergedError, match="action scores or actions are not finite"):
+        model.learn(10, reset_num_timesteps=False)
+    assert np.isfinite(model._pending_actions).all()  # the last action sent was finite
+
+
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "popgym:popgym-RepeatPreviousEasy-v0"])
 def test_train_command_writes_curves_and_a_loadable_model(tmp_path, env_id):
     import csv

@@ -26,7 +26,8 @@
 //
 // Status: 0 done; 1 an input is not finite (nothing changed); 2 the core's state is not
 // finite; 3 the TD error or an eligibility trace is not finite (2 and 3: the recurrent state
-// moved, no parameter did).
+// moved, no parameter did); 4 the policy's scores or actions are not finite (the heads took
+// their step, no trace moved and no action was written).
 
 #pragma once
 
@@ -35,7 +36,8 @@
 namespace {
 
 enum ActorCriticStatus : int {
-  AC_DONE = 0, AC_INPUT_NOT_FINITE = 1, AC_STATE_NOT_FINITE = 2, AC_UPDATE_NOT_FINITE = 3
+  AC_DONE = 0, AC_INPUT_NOT_FINITE = 1, AC_STATE_NOT_FINITE = 2, AC_UPDATE_NOT_FINITE = 3,
+  AC_POLICY_NOT_FINITE = 4
 };
 
 template <typename T>
@@ -185,13 +187,27 @@ struct ActorCriticEngine {
     const auto* noise = static_cast<const T*>(ac.noise);
     auto* action_input = static_cast<T*>(ac.action_input);
     auto* previous_value = static_cast<T*>(ac.previous_value);
-    std::vector<T> scores(A), score(A), log_p(A);
+    // Every stream's scores (logits, or the Gaussian's mean) and spread first: a policy that
+    // is not finite stops the step before any trace or action is written.
+    std::vector<T> all_scores(B * A), spread(ac.discrete ? 0 : B * A);
+    for (index b = 0; b < B; ++b) {
+      const index p = P == 1 ? 0 : b;
+      for (index k = 0; k < A; ++k) {
+        all_scores[b * A + k] = dot_ordered(features.data() + b * F, actor + (p * A + k) * F, F);
+        if (!ac.discrete) spread[b * A + k] = std::exp(log_std[p * A + k]) * noise[b * A + k];
+      }
+    }
+    if (!all_finite(all_scores.data(), B * A) || !all_finite(spread.data(), index(spread.size()))) {
+      fail(AC_POLICY_NOT_FINITE);
+      return;
+    }
+    std::vector<T> score(A), log_p(A);
     for (index b = 0; b < B; ++b) {
       const index p = P == 1 ? 0 : b;
       const T* phi = features.data() + b * F;
       previous_value[b] = value(critic, b);
       const T* W = actor + p * A * F;
-      for (index k = 0; k < A; ++k) scores[k] = dot_ordered(phi, W + k * F, F);
+      const T* scores = all_scores.data() + b * A;
       T* a_in = action_input + b * A;
       if (ac.discrete) {
         // log_softmax, then the inverse CDF of the probabilities at the uniform noise[b].
@@ -225,7 +241,7 @@ struct ActorCriticEngine {
         T* action = static_cast<T*>(ac.action) + b * A;
         T* e_log_std = log_std_trace + b * A;
         for (index k = 0; k < A; ++k) {
-          action[k] = scores[k] + std::exp(log_sigma[k]) * noise[b * A + k];
+          action[k] = scores[k] + spread[b * A + k];
           a_in[k] = action[k];
           const T variance = std::exp(T(2) * log_sigma[k]);
           const T deviation = action[k] - scores[k];

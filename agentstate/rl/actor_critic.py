@@ -49,7 +49,7 @@ from torch import Tensor
 from agentstate.learner import StateLearner
 from agentstate.observation import SpaceEncoder, make_observation_encoder
 from agentstate.registry import make_learner
-from agentstate.rl.fused_step import BACKENDS, fused_step
+from agentstate.rl.fused_step import BACKENDS, fused_step, policy_not_finite
 from agentstate.rl.noise import NoiseBlocks
 from agentstate.rl.streaming import RewardScaler, RunningMeanStd, obgd_update
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
@@ -720,6 +720,9 @@ class RTRLActorCritic(BaseAlgorithm):
         decay = decay.masked_fill(done, 0.0)
         value = policy.value(features)
         scores = policy.action_scores(features)
+        spread = noise if policy.discrete else policy.log_std.exp() * noise
+        if not bool(torch.isfinite(scores).all() and torch.isfinite(spread).all()):
+            raise LearnerDivergedError(policy_not_finite(self.num_timesteps))
         action = policy.sample(scores, noise)
         log_pi, dlog_pi_dphi, entropy_score = policy.policy_gradients(features, scores, action)
         _accumulate(policy.critic_trace, {"weight": features}, decay)

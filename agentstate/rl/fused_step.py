@@ -32,7 +32,16 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "eager", "fused")
 
-_STATUS_STATE, _STATUS_UPDATE = 2, 3
+_STATUS_STATE, _STATUS_UPDATE, _STATUS_POLICY = 2, 3, 4
+
+
+def policy_not_finite(step: int) -> str:
+    """The error of a policy whose scores or actions are not finite."""
+    return (
+        f"the policy's action scores or actions are not finite at step {step}: the agent state "
+        "or the heads grew without bound (lower the step sizes, or use a core whose state is "
+        "bounded, e.g. rtu with activation='tanh')"
+    )
 
 
 def unsupported_reason(policy: RTRLPolicy) -> str | None:
@@ -152,6 +161,8 @@ class FusedActorCriticStep:
                 f"the TD error or an eligibility trace is not finite at step {step}; no "
                 "parameter was changed (lower the step sizes)"
             )
+        if status == _STATUS_POLICY:
+            raise LearnerDivergedError(policy_not_finite(step))
         raise RuntimeError(f"compiled actor-critic step {self.kernel.entry} failed ({status})")
 
     def _bind(self, layout: Any) -> None:
