@@ -117,6 +117,9 @@ _POLL_SECONDS = 0.5
 
 # ---------------------------------------------------------------------- methods
 ALGORITHMS = ("PPO", "RecurrentPPO", "DQN", "RTRLActorCritic")
+JOINT_ACTION_ALGORITHMS = ("DQN", "RTRLActorCritic")
+"""Algorithms that act in one Discrete space: MultiDiscrete actions are joined for them
+(``JointDiscreteAction``: Battleship's 8 x 8 becomes 64 actions, MineSweeper's 4 x 4 16)."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,8 @@ def make_venv(run: BenchRun, n_envs: int, env_seed: int) -> VecEnv:
 
     def make() -> gym.Env:
         env: gym.Env = make_task(run.task)
-        if method.algorithm == "DQN" and isinstance(env.action_space, spaces.MultiDiscrete):
+        joins = method.algorithm in JOINT_ACTION_ALGORITHMS
+        if joins and isinstance(env.action_space, spaces.MultiDiscrete):
             env = JointDiscreteAction(env)
         env = Monitor(env)
         if lags:
