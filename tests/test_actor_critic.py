@@ -160,6 +160,17 @@ def test_the_compiled_step_acts_and_learns_as_the_eager_one(learner, env_id):
     assert np.allclose(*actions, rtol=1e-9, atol=0) and actions[0].dtype == actions[1].dtype
 
 
+def test_with_no_core_named_it_takes_the_harness_best_and_overrides_its_options():
+    env = make_vec_env(lambda: CueRecall(), n_envs=1, seed=0)
+    model = RTRLActorCritic(env, seed=0)
+    assert model.learner == "rtu"
+    assert model.learner_kwargs == {"n_features": 32, "activation": "tanh"}
+    assert model.policy.core.state_bound == 1.0
+    smaller = RTRLActorCritic(env, learner_kwargs={"n_features": 8}, seed=0)
+    assert smaller.learner_kwargs == {"n_features": 8, "activation": "tanh"}
+    assert RTRLActorCritic(env, learner="columnar", seed=0).learner_kwargs == {}
+
+
 def test_backend_fused_names_why_it_cannot_run():
     env = make_vec_env(lambda: CueRecall(), n_envs=2, seed=0)
     assert not RTRLActorCritic(env, learner="tbptt", seed=0).compiled  # auto: eager

@@ -28,7 +28,8 @@ def add_parser(verbs: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"learner keyword argument (default {DEFAULTS.learner_kwargs}; repeatable)",
+        help=f"learner keyword argument (default with the default learner: "
+        f"{DEFAULTS.learner_kwargs}; repeatable)",
     )
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps, help="env steps in all")
     parser.add_argument("--envs", type=int, default=DEFAULTS.envs, help="envs stepped together")
@@ -53,7 +54,12 @@ def handle(args: argparse.Namespace) -> int:
     config = TrainConfig(
         env=args.env,
         learner=args.learner,
-        learner_kwargs=learner_kwargs or dict(DEFAULTS.learner_kwargs),
+        # The default core's options go with the default core only, each overridable.
+        learner_kwargs=(
+            {**DEFAULTS.learner_kwargs, **learner_kwargs}
+            if args.learner == DEFAULTS.learner
+            else learner_kwargs
+        ),
         steps=args.steps,
         envs=args.envs,
         seed=args.seed,

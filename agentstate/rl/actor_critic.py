@@ -54,6 +54,12 @@ from agentstate.rl.noise import NoiseBlocks
 from agentstate.rl.streaming import RewardScaler, RunningMeanStd, obgd_update
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
 
+DEFAULT_LEARNER = "rtu"
+DEFAULT_LEARNER_KWARGS: Mapping[str, Any] = {"n_features": 32, "activation": "tanh"}
+"""The core when none is named: 16 complex recurrent trace units with a bounded (tanh) output,
+the best mean return over the memory harness's POPGym suite of the cores and settings tried
+(``benchmarks/memory/README.md``; with ReLU the RTU core diverged on the Box-action tasks)."""
+
 
 @dataclass(frozen=True)
 class ActorCriticConfig:
@@ -492,7 +498,9 @@ class RTRLActorCritic(BaseAlgorithm):
 
     Args:
         env: a Gymnasium env, an SB3 ``VecEnv`` (its envs are the streams) or an env id.
-        learner: a registered state learner name (the recurrent core).
+        learner: a registered state learner name (the recurrent core). None:
+            ``DEFAULT_LEARNER`` with ``DEFAULT_LEARNER_KWARGS`` (then ``learner_kwargs``
+            override those one by one).
         learner_kwargs: its keyword arguments (e.g. ``{"n_features": 16}``).
         config: ``ActorCriticConfig`` or its fields as a mapping.
         log_interval: steps between two dumps of the logger (``rollout/`` and ``train/``).
@@ -511,7 +519,7 @@ class RTRLActorCritic(BaseAlgorithm):
     def __init__(
         self,
         env: GymEnv | str | None,
-        learner: str = "columnar",
+        learner: str | None = None,
         learner_kwargs: Mapping[str, Any] | None = None,
         config: ActorCriticConfig | Mapping[str, Any] | None = None,
         policy: str | type[RTRLPolicy] = "RTRLPolicy",
@@ -535,6 +543,9 @@ class RTRLActorCritic(BaseAlgorithm):
             seed=seed,
             supported_action_spaces=(spaces.Discrete, spaces.Box),
         )
+        if learner is None:  # the default core, its options overridable one by one
+            learner = DEFAULT_LEARNER
+            learner_kwargs = {**DEFAULT_LEARNER_KWARGS, **(learner_kwargs or {})}
         self.learner = learner
         self.learner_kwargs = dict(learner_kwargs or {})
         if isinstance(config, Mapping):

@@ -22,7 +22,12 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agentstate.checkpoint import atomic_write_bytes
 from agentstate.plotting import plot_learning_curve
-from agentstate.rl.actor_critic import ActorCriticConfig, RTRLActorCritic
+from agentstate.rl.actor_critic import (
+    DEFAULT_LEARNER,
+    DEFAULT_LEARNER_KWARGS,
+    ActorCriticConfig,
+    RTRLActorCritic,
+)
 
 
 @dataclass
@@ -31,12 +36,15 @@ class TrainConfig:
 
     env: str
     """A Gymnasium id, or ``module:id`` (the module is imported first, e.g. ``popgym:...``)."""
-    learner: str = "columnar"
-    learner_kwargs: dict[str, Any] = field(default_factory=lambda: {"n_features": 16})
+    learner: str = DEFAULT_LEARNER
+    learner_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LEARNER_KWARGS))
+    """The core and its options; the defaults did best on the memory harness
+    (``benchmarks/memory/README.md``)."""
     steps: int = 100_000
     """Env steps in all, summed over the envs."""
-    envs: int = 8
-    """Envs stepped together (the streams)."""
+    envs: int = 1
+    """Envs stepped together (the streams). One did better than 8 on the harness for the same
+    env steps: eight times the updates."""
     seed: int = 0
     agent: dict[str, Any] = field(default_factory=dict)
     """``ActorCriticConfig`` fields that differ from its defaults."""
