@@ -738,7 +738,7 @@ class RTRLActorCritic(BaseAlgorithm):
         log_pi, dlog_pi_dphi, entropy_score = policy.policy_gradients(features, scores, action)
         _accumulate(policy.critic_trace, {"weight": features}, decay)
         _accumulate(policy.actor_trace, log_pi, decay)
-        if self._trains_core():
+        if self._traces_core():
             n = policy.core.n_features
             core_gradient = policy.core.grad(policy.critic_weight[:, :n] + dlog_pi_dphi[:, :n])
             _accumulate(policy.core_trace, core_gradient, decay)
@@ -749,7 +749,7 @@ class RTRLActorCritic(BaseAlgorithm):
         policy.started.fill_(True)
         return action
 
-    def _trains_core(self) -> bool:
+    def _traces_core(self) -> bool:
         """Whether the core has parameters to trace (a step size of 0 keeps them put)."""
         return bool(self.policy.core.params)
 
@@ -793,7 +793,7 @@ class RTRLActorCritic(BaseAlgorithm):
             for key, param in heads["actor"].items():
                 step = scale.view(-1, *([1] * (entropy_gradient[key].dim() - 1)))
                 param += (step * entropy_gradient[key]).mean(0, keepdim=True)
-        if self._trains_core():
+        if self._traces_core():
             obgd_update(policy.core.params, policy.core_trace, td_error,
                         config.learner_step_size, config.learner_kappa)
 
