@@ -262,6 +262,33 @@ def test_the_harness_runs_as_a_sweep_aggregates_and_skips_finished_runs(tmp_path
     assert done_times == {name: (out / name / "done.json").stat().st_mtime_ns for name in TINY_RUNS}
 
 
+def test_a_run_that_fails_is_recorded_with_its_error_and_listed_apart(tmp_path):
+    spec = write_spec(tmp_path, """
+[run]
+steps = 64
+eval_every = 0
+eval_episodes = 2
+eval_envs = 1
+
+[methods.broken]
+base = "ppo"
+algorithm_kwargs = { no_such_option = 1 }
+
+[grid]
+task = ["CueMemory"]
+method = ["broken"]
+""")  # fmt: skip
+    out = tmp_path / "out"
+    report = harness.run_bench(spec, out, workers=1, progress=False, log=lambda line: None)
+    name = "task=CueMemory,method=broken,seed=0"
+    assert list(report.failed) == [name] and "no_such_option" in report.failed[name]
+    recorded = json.loads((out / name / harness.FAILED_NAME).read_text())
+    assert recorded["error"] == report.failed[name]
+    summary = results.aggregate(out)
+    assert summary["failed"] == {name: report.failed[name]} and summary["unfinished"] == []
+    assert f"- {name}: TypeError" in (out / "results.md").read_text()
+
+
 def test_a_folder_with_another_finished_config_is_refused(tmp_path):
     run = tiny_run(tmp_path)
     folder = tmp_path / run.name

@@ -99,6 +99,9 @@ seeds env ``i`` with ``s + i``, which seed ``s + 1``'s env ``i - 1`` repeats).""
 RECONSTRUCT_KEY = "reconstruct_lags"
 """The one ``agent_state`` key the harness reads itself (see ``ReconstructionCumulants``)."""
 DONE_NAME = sweep.DONE_NAME
+FAILED_NAME = "failed.json"
+"""Written by ``run_bench`` into the folder of a run that stopped with an error (the error);
+removed when the run starts again."""
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
 EPISODES_NAME = "episodes.csv"
@@ -463,6 +466,7 @@ def execute_bench_run(run: BenchRun, out_root: str, progress: Any) -> dict[str, 
     torch.set_num_threads(run.cpus)
     out = Path(out_root) / run.name
     out.mkdir(parents=True, exist_ok=True)
+    (out / FAILED_NAME).unlink(missing_ok=True)  # a rerun of a run that failed before
     progress.put((run.name, 0))
     config = {**run.identity(), "name": run.name, "versions": versions(), "cpus": run.cpus}
     atomic_write_bytes(out / CONFIG_NAME, json.dumps(config, indent=2).encode())
@@ -781,6 +785,10 @@ def run_bench(
                 if isinstance(outcome, BaseException):
                     report.failed[run.name] = f"{type(outcome).__name__}: {outcome}"
                     log(f"{run.name}: FAILED: {report.failed[run.name]}")
+                    folder = out_root / run.name
+                    folder.mkdir(exist_ok=True)
+                    error = {"name": run.name, "error": report.failed[run.name]}
+                    atomic_write_bytes(folder / FAILED_NAME, json.dumps(error, indent=2).encode())
                 else:
                     report.finished.append(outcome)
                     log(

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
-from memory_harness import BUILTIN_METHODS, CONFIG_NAME, DONE_NAME, METRICS_NAME, algorithm_class
+from memory_harness import (
+    BUILTIN_METHODS,
+    CONFIG_NAME,
+    DONE_NAME,
+    FAILED_NAME,
+    METRICS_NAME,
+    algorithm_class,
+)
 from memory_tasks import CUE_TASK, popgym_easy_tasks
 
 from agentstate.metrics import mean_and_standard_error
@@ -58,25 +65,30 @@ def aggregate(out_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None
     """Write ``results.csv``, ``results.md`` and ``curves.png`` for a run folder.
 
     Per task and method variant: mean +- standard error over seeds of the final evaluation
-    return and of the training wall-clock (evaluation excluded). Unfinished runs are listed
-    in ``results.md`` and left out of the figures.
+    return and of the training wall-clock (evaluation excluded). Runs that stopped with an
+    error (a ``failed.json``: a diverged learner, say) and runs not finished yet are listed
+    apart in ``results.md`` and left out of the figures.
 
     Args:
         out_dir: the sweep's output folder.
         to: where to write (default: ``out_dir``).
 
     Returns:
-        ``{"rows": [...], "unfinished": [...], "paths": [...]}``.
+        ``{"rows": [...], "failed": {name: error}, "unfinished": [...], "paths": [...]}``.
     """
     out_root = Path(out_dir)
     target = Path(to) if to is not None else out_root
     target.mkdir(parents=True, exist_ok=True)
     finished: dict[tuple[str, str], list[dict[str, Any]]] = {}
     curves: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
-    unfinished = []
+    unfinished: list[str] = []
+    failed: dict[str, str] = {}
     for folder in sorted(path for path in out_root.iterdir() if (path / CONFIG_NAME).exists()):
         if not (folder / DONE_NAME).exists():
-            unfinished.append(folder.name)
+            if (folder / FAILED_NAME).exists():
+                failed[folder.name] = json.loads((folder / FAILED_NAME).read_text())["error"]
+            else:
+                unfinished.append(folder.name)
             continue
         marker = json.loads((folder / DONE_NAME).read_text())
         key = (marker["task"], marker["variant"])
@@ -108,10 +120,11 @@ def aggregate(out_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None
         writer = csv.DictWriter(handle, RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (target / "results.md").write_text(_markdown(rows, tasks, variants, unfinished))
+    (target / "results.md").write_text(_markdown(rows, tasks, variants, failed, unfinished))
     _plot(curves, tasks, variants, target / "curves.png")
     return {
         "rows": rows,
+        "failed": failed,
         "unfinished": unfinished,
         "paths": [target / "results.csv", target / "results.md", target / "curves.png"],
     }
@@ -129,7 +142,11 @@ def _ordered(names: set[str]) -> list[str]:
 
 
 def _markdown(
-    rows: list[dict[str, Any]], tasks: list[str], variants: list[str], unfinished: list[str]
+    rows: list[dict[str, Any]],
+    tasks: list[str],
+    variants: list[str],
+    failed: dict[str, str],
+    unfinished: list[str],
 ) -> str:
     cells = {(row["task"], row["variant"]): row for row in rows}
 
@@ -180,6 +197,13 @@ def _markdown(
             lambda row: with_se(row["train_seconds_mean"], row["train_seconds_se"], 0),
         ),
     ]
+    if failed:
+        lines += [
+            "Runs that stopped with an error (left out):",
+            "",
+            *[f"- {name}: {error}" for name, error in failed.items()],
+            "",
+        ]
     if unfinished:
         lines += ["Unfinished runs (left out):", "", *[f"- {name}" for name in unfinished], ""]
     return "\n".join(lines)
