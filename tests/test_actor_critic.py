@@ -257,6 +257,23 @@ def test_non_finite_observations_are_refused_with_the_stream_named():
         model.learn(10)
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_a_step_refused_for_its_input_starts_nothing(backend):
+    """Not even the learner's begin_step: a CCN core's stage clock stays where it was."""
+
+    class BrokenReward(CueRecall):
+        def step(self, action):
+            observation, reward, *rest = super().step(action)
+            return (observation, float("nan"), *rest)
+
+    env = make_vec_env(lambda: BrokenReward(), n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="ccn", backend=backend, seed=0,
+                            learner_kwargs={"n_features": 4, "columns_per_stage": 2})  # fmt: skip
+    with pytest.raises(NonFiniteInputError, match="reward of stream 0"):
+        model.learn(10)
+    assert model.policy.core.steps_in_stage == 1  # the first step only, before any reward
+
+
 def test_a_diverging_update_stops_with_a_clear_error_and_writes_nothing():
     env = make_vec_env(lambda: CueRecall(), n_envs=2, seed=0)
     model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)

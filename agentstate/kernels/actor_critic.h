@@ -24,7 +24,8 @@
 // `parallel_grain` and `train_learner`, which the engine clears, so that no parameter moves,
 // when the step has to be refused (status below).
 //
-// Status: 0 done; 1 an input is not finite (nothing changed); 2 the core's state is not
+// The caller checks the inputs first (agentstate_actor_critic_inputs_finite below; status 1
+// is its answer), so the step may assume them finite. Status: 0 done; 2 the core's state is not
 // finite; 3 the TD error or an eligibility trace is not finite (2 and 3: the recurrent state
 // moved, no parameter did); 4 the policy's scores or actions are not finite (the heads took
 // their step, no trace moved and no action was written).
@@ -79,12 +80,6 @@ struct ActorCriticEngine {
   }
 
   const bool* done() const { return static_cast<const bool*>(ac.done); }
-
-  // 1 if the call's observation and reward are finite.
-  bool inputs_finite() const {
-    return all_finite(static_cast<const double*>(ac.observation), B * d_obs) &&
-           (!started || all_finite(static_cast<const double*>(ac.reward), B));
-  }
 
   // x = [normalise(o), a_t]: the running statistics first take in this batch (Chan et al.).
   void normalize_observation() {
@@ -396,11 +391,18 @@ struct ActorCriticEngine {
 
 }  // namespace
 
+// 1 if the call's observation and reward (float64, whatever the kernel's dtype) are finite:
+// checked before the learner's begin_step(), so that a refused step starts nothing.
+extern "C" int agentstate_actor_critic_inputs_finite(const ACArgs* ac) {
+  return all_finite(static_cast<const double*>(ac->observation),
+                    ac->streams * ac->observation_size) &&
+         all_finite(static_cast<const double*>(ac->reward), ac->streams);
+}
+
 // One actor-critic step through a learner body `BODY<T>(engine, args)` (see the top).
 #define AGENTSTATE_ACTOR_CRITIC_ENTRY(ENTRY, BODY, ARGS, T, SUFFIX)                      \
   extern "C" int ENTRY##_actor_critic_##SUFFIX(const ACArgs* ac, const ARGS* args) {     \
     ActorCriticEngine<T> engine(*ac);                                                   \
-    if (!engine.inputs_finite()) return AC_INPUT_NOT_FINITE;                             \
     BODY<T>(engine, *args);                                                             \
     return engine.status;                                                               \
   }

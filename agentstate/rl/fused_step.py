@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "eager", "fused")
 
-_STATUS_STATE, _STATUS_UPDATE, _STATUS_POLICY = 2, 3, 4
+_STATUS_INPUT, _STATUS_STATE, _STATUS_UPDATE, _STATUS_POLICY = 1, 2, 3, 4
 
 
 def policy_not_finite(step: int) -> str:
@@ -99,7 +99,10 @@ class FusedActorCriticStep:
         name = "float32" if policy.value_dtype == torch.float32 else "float64"
         self.kernel: fused.Kernel = policy.core.fused_layout().kernel  # type: ignore[attr-defined]
         self._entry = library[f"{self.kernel.entry}_actor_critic_{name}"]
-        self._args = fused.ACArgs()
+        self._finite = library["agentstate_actor_critic_inputs_finite"]
+        self._args = fused.ACArgs(
+            streams=policy.streams, observation_size=policy.observation_size
+        )
         self._args_reference = ctypes.byref(self._args)
         self._bound: tuple[Any, ...] = ()
         self._generation = -1
@@ -128,9 +131,16 @@ class FusedActorCriticStep:
             noise: the policy's draws; this step takes its next row.
 
         Returns:
-            The kernel's status: 0, or the code :meth:`raise_for` explains. The actions are
-            in :attr:`action` (``[B]`` int64 or ``[B, A]``, rewritten by the next step).
+            The kernel's status: 0; 1 if the observation or the reward is not finite (then
+            nothing, the learner's ``begin_step`` included, has run); or the code
+            :meth:`raise_for` explains. The actions are in :attr:`action` (``[B]`` int64 or
+            ``[B, A]``, rewritten by the next step).
         """
+        args = self._args
+        args.observation = observation.ctypes.data
+        args.reward = reward.ctypes.data
+        if not self._finite(self._args_reference):
+            return _STATUS_INPUT
         policy = self.policy
         policy.core.begin_step()
         layout = policy.core.fused_layout()  # type: ignore[attr-defined]
@@ -144,9 +154,6 @@ class FusedActorCriticStep:
             self._bind(layout)
             self._bound = tensors
             self._generation = policy.generation
-        args = self._args
-        args.observation = observation.ctypes.data
-        args.reward = reward.ctypes.data
         args.done = done.ctypes.data
         args.bootstrap = bootstrap.data_ptr()
         args.noise = noise.next_address()
