@@ -37,7 +37,7 @@
 namespace {
 
 enum ActorCriticStatus : int {
-  AC_DONE = 0, AC_INPUT_NOT_FINITE = 1, AC_STATE_NOT_FINITE = 2, AC_UPDATE_NOT_FINITE = 3,
+  AC_DONE = 0, AC_STATE_NOT_FINITE = 2, AC_UPDATE_NOT_FINITE = 3,
   AC_POLICY_NOT_FINITE = 4
 };
 
