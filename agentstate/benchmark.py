@@ -91,7 +91,6 @@ BANDWIDTH_TARGET = 0.6
 """Fraction of the triad bandwidth the large columnar step must reach."""
 
 
-
 @dataclass(frozen=True)
 class Scaling:
     """One learner's scaling run: networks of ~1e3, 1e4, 1e5, 1e6 parameters."""
@@ -558,9 +557,7 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def run(
-    command: str, quick: bool = False, log: Callable[[str], None] = print
-) -> Report:
+def run(command: str, quick: bool = False, log: Callable[[str], None] = print) -> Report:
     """Measure every case, the triad and the scaling; ``quick``: a smoke-test-sized run."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

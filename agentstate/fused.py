@@ -594,10 +594,8 @@ def has_actor_critic(library: ctypes.CDLL, kernel: Kernel) -> bool:
     return True
 
 
-def unsupported_reason(
-    learner: Any, optimizer: str, param_groups: Sequence[Mapping[str, Any]]
-) -> str | None:
-    """Why a compiled step cannot run ``learner`` with this optimiser (None: it can)."""
+def learner_unsupported_reason(learner: Any) -> str | None:
+    """Why no compiled step (TD or actor-critic) can run ``learner`` (None: one can)."""
     if learner.device.type != "cpu":
         return f"device {learner.device} (the fused kernel is CPU-only)"
     if learner.dtype not in (torch.float32, torch.float64):
@@ -606,6 +604,16 @@ def unsupported_reason(
     # the state, say) must not be bypassed by a kernel it never sees.
     if not callable(getattr(type(learner), "fused_layout", None)):
         return f"{type(learner).__name__} has no fused kernel (no fused_layout method)"
+    return None
+
+
+def unsupported_reason(
+    learner: Any, optimizer: str, param_groups: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """Why a compiled step cannot run ``learner`` with this optimiser (None: it can)."""
+    reason = learner_unsupported_reason(learner)
+    if reason is not None:
+        return reason
     settings = [_optimizer_settings(optimizer, group) for group in param_groups]
     if any(setting is None for setting in settings):
         return f"optimizer {optimizer!r} with non-default settings"
@@ -693,8 +701,10 @@ class FusedTDStep:
             The predictions ``[B, K]`` (a new tensor).
         """
         tensors = layout.tensors()
-        if engine is not self._engine or len(tensors) != len(self._layout_tensors) or not all(
-            map(operator.is_, tensors, self._layout_tensors)
+        if (
+            engine is not self._engine
+            or len(tensors) != len(self._layout_tensors)
+            or not all(map(operator.is_, tensors, self._layout_tensors))
         ):
             self._bind(engine, layout)
             self._layout_tensors = tensors

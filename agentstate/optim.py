@@ -48,7 +48,6 @@ class TDRMSProp(torch.optim.Optimizer):
                     param.grad, second_moment.sqrt().add_(group["eps"]), value=-group["lr"]
                 )
 
-
     def second_moment(self, param: Tensor) -> Tensor:
         """The running ``v`` of ``param`` (created at 1 on first use)."""
         state = self.state[param]

@@ -95,9 +95,7 @@ class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
     def reset(self) -> VecEnvObs:
         """Reset every env and start a new episode on every stream."""
         observations = self.venv.reset()
-        result = self.core.step(
-            StepBatch.reset(observations, self.num_envs, self.venv.reset_infos)
-        )
+        result = self.core.step(StepBatch.reset(observations, self.num_envs, self.venv.reset_infos))
         for stream, names in result.nonfinite.items():
             self.reset_infos[stream][NONFINITE_INFO_KEY] = names
         return result.observations

@@ -324,9 +324,11 @@ class TDPredictor:
         """
         current = self.learner.params
         followed = self._learner_params
-        if len(current) != len(followed) or not all(
-            map(operator.is_, current.values(), followed.values())
-        ) or current.keys() != followed.keys():
+        if (
+            len(current) != len(followed)
+            or not all(map(operator.is_, current.values(), followed.values()))
+            or current.keys() != followed.keys()
+        ):
             self.optimizer = self._build_optimizer()
 
     # ---------------------------------------------------------------- the step
@@ -489,9 +491,7 @@ class TDPredictor:
         zero_streams_((self.head_trace, self.previous_prediction, self.has_previous), mask)
         zero_streams_(self.learner_traces.values(), mask, dim=1)  # [K, B, ...]
 
-    def _check(
-        self, tensor: Any, label: str, shape: tuple[int, ...], finite: bool = True
-    ) -> None:
+    def _check(self, tensor: Any, label: str, shape: tuple[int, ...], finite: bool = True) -> None:
         """Refuse a wrong type, shape, dtype or device, and (if ``finite``) a NaN or inf."""
         learner = self.learner
         if (

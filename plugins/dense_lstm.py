@@ -303,9 +303,7 @@ def immediate_jacobian(derivatives: CellDerivatives, cell_input: Tensor) -> tupl
     )
 
 
-def preactivation_vjp(
-    derivatives: CellDerivatives, adjoint_h: Tensor, adjoint_c: Tensor
-) -> Tensor:
+def preactivation_vjp(derivatives: CellDerivatives, adjoint_h: Tensor, adjoint_c: Tensor) -> Tensor:
     """``adjoint_h . dh_t/da + adjoint_c . dc_t/da``, per gate and unit.
 
     Args:

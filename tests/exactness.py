@@ -133,4 +133,3 @@ def assert_seed_reproduces_the_initialisation(first: StateLearner, second: State
     assert first.params.keys() == second.params.keys()
     for name, param in first.params.items():
         assert torch.equal(param, second.params[name])
-

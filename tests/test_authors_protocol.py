@@ -59,9 +59,7 @@ def test_ccn_heads_step_at_step_size_over_the_columns_built(backend):
 
 def test_default_head_step_counts_the_observation_when_the_heads_see_it():
     learner = agentstate.make_learner("columnar", INPUTS, streams=STREAMS, n_features=7)
-    assert TDPredictor(learner, 1, TDConfig(step_size=0.007)).head_step_size == pytest.approx(
-        0.001
-    )
+    assert TDPredictor(learner, 1, TDConfig(step_size=0.007)).head_step_size == pytest.approx(0.001)
     seeing = TDPredictor(learner, 1, TDConfig(step_size=0.011, include_observation=True))
     assert seeing.head_step_size == pytest.approx(0.001)
 
@@ -131,9 +129,7 @@ def test_a_frozen_stage_reads_the_input_with_its_own_statistics():
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("independent", [False, True])
-def test_one_stage_ccn_normalising_its_own_input_is_columnar_under_the_engine(
-    backend, independent
-):
+def test_one_stage_ccn_normalising_its_own_input_is_columnar_under_the_engine(backend, independent):
     """Normalising in the learner (raw input handed over) equals normalising upstream."""
     options = dict(streams=STREAMS, independent_params=independent, dtype=torch.float64, seed=2)
     columnar = agentstate.make_learner("columnar", INPUTS, n_features=3, init_scale=0.5, **options)
@@ -148,9 +144,7 @@ def test_one_stage_ccn_normalising_its_own_input_is_columnar_under_the_engine(
         **options,
     )
     assert ccn.normalizes_inputs and not columnar.normalizes_inputs
-    config = TDConfig(
-        step_size=0.01, normalization_decay=0.9, variance_floor=0.05, backend=backend
-    )
+    config = TDConfig(step_size=0.01, normalization_decay=0.9, variance_floor=0.05, backend=backend)
     engines = [TDPredictor(learner, 1, config) for learner in (columnar, ccn)]
     x, c = inputs_and_cumulants(60)
     for t in range(60):

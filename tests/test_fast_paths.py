@@ -25,6 +25,7 @@ needs_kernel = pytest.mark.skipif(
     reason="no C++ compiler: the fused kernel cannot be built",
 )
 
+
 def SLOW(value):  # noqa: N802 - reads as a marker
     """A parameter that runs in the full suite only (not in the fast lane)."""
     return pytest.param(value, marks=pytest.mark.expensive)
@@ -431,8 +432,13 @@ def test_long_input_rows_match_eager(independent):
     predictors = {}
     for backend in ("eager", "fused"):
         learner = agentstate.make_learner(
-            "columnar", 70, streams=3, n_features=3, independent_params=independent,
-            dtype=torch.float64, seed=2,
+            "columnar",
+            70,
+            streams=3,
+            n_features=3,
+            independent_params=independent,
+            dtype=torch.float64,
+            seed=2,
         )
         predictors[backend] = TDPredictor(learner, 1, TDConfig(backend=backend, step_size=0.01))
     for t in range(30):

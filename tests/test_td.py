@@ -12,6 +12,7 @@ from agentstate.td import TDConfig, TDPredictor
 STREAMS, INPUTS, COLUMNS = 2, 4, 3
 PLAIN = dict(normalize_inputs=False, normalize_features=False, optimizer="sgd")
 
+
 def make_learner(seed=0, independent=False):
     return agentstate.make_learner(
         "columnar",
@@ -24,11 +25,13 @@ def make_learner(seed=0, independent=False):
         init_scale=0.5,
     )
 
+
 def random_stream(steps, seed=3):
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(steps, STREAMS, INPUTS, generator=generator, dtype=torch.float64)
     cumulants = torch.rand(steps, STREAMS, 1, generator=generator, dtype=torch.float64)
     return inputs, cumulants
+
 
 @pytest.mark.parametrize("independent", [False, True])
 def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
@@ -78,6 +81,7 @@ def test_heads_follow_linear_td_lambda_with_episode_boundaries(independent):
         torch.testing.assert_close(got[:, 0], predictions, rtol=1e-12, atol=1e-12)
     assert weight.abs().max() > 0.01
 
+
 def test_learner_traces_accumulate_exact_gradients():
     """trace_t = sum_s (gamma lambda)^(t-s) d(w_s . h_s)/d theta, with the BPTT oracle."""
     gamma, lam, steps = 0.9, 0.8, 12
@@ -96,6 +100,7 @@ def test_learner_traces_accumulate_exact_gradients():
     torch.testing.assert_close(engine.learner_traces["weight"][0], expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(learner.params["weight"], params["weight"])  # step size 0
 
+
 def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
     config = TDConfig(step_size=0.5, head_step_size=0.0, **PLAIN)
     engine = TDPredictor(make_learner(), 1, config)
@@ -110,6 +115,7 @@ def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
     delta = cumulants[2] + 0.9 * prediction - prediction_before
     expected = before + 0.5 * (delta.view(STREAMS, 1, 1, 1) * trace).mean(0, keepdim=True)
     torch.testing.assert_close(engine.learner.params["weight"], expected, rtol=1e-12, atol=1e-14)
+
 
 def test_rmsprop_td_matches_the_authors_normaliser():
     from agentstate.optim import TDRMSProp
@@ -126,6 +132,7 @@ def test_rmsprop_td_matches_the_authors_normaliser():
         expected = expected + 0.1 * update / (second_moment.sqrt() + 1e-8)
     torch.testing.assert_close(param, expected)
 
+
 @pytest.mark.parametrize(
     ("optimizer", "head_step_size"), [("sgd", 0.05), ("rmsprop_td", 0.05), ("adam", 0.003)]
 )
@@ -141,6 +148,7 @@ def test_every_optimizer_learns_a_constant_cumulant(optimizer, head_step_size):
         prediction = engine.step(x, c)
     torch.testing.assert_close(prediction, torch.full_like(prediction, 2.0), atol=0.05, rtol=0)
 
+
 def test_bad_input_is_refused_with_a_clear_message():
     engine = TDPredictor(make_learner(), 1, TDConfig())
     x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
@@ -152,6 +160,7 @@ def test_bad_input_is_refused_with_a_clear_message():
         engine.step(x, torch.full((STREAMS, 1), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="optimizer"):
         TDConfig(optimizer="lbfgs")
+
 
 def test_state_dict_round_trip_continues_identically():
     inputs, cumulants = random_stream(20)
@@ -167,6 +176,7 @@ def test_state_dict_round_trip_continues_identically():
             rtol=0,
             atol=0,
         )
+
 
 def test_engine_follows_a_constructive_learner_across_stages():
     learner = agentstate.make_learner(
@@ -191,6 +201,7 @@ def test_engine_follows_a_constructive_learner_across_stages():
     )
     assert engine.optimizer.param_groups[1]["params"][0] is learner.params["weight"]
 
+
 def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
     """Resetting replaces no tensor the kernel is bound to, so it is not bound again."""
 
@@ -214,6 +225,7 @@ def test_episode_starts_reset_in_place_under_the_fused_kernel(monkeypatch):
     assert all(part is before for part, before in zip(learner.carry, carry, strict=True))
     assert torch.count_nonzero(learner.sensitivity_h[1]) > 0  # one step since its reset
 
+
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_agent_state_is_what_the_heads_read(backend):
 
@@ -232,6 +244,7 @@ def test_agent_state_is_what_the_heads_read(backend):
         predictor.step(x, torch.zeros(2, 1))
         torch.testing.assert_close(predictor.agent_state, twin.step(x))
 
+
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_head_predictions_are_what_the_next_step_predicts(backend):
     """``head_predictions`` of the state a step would reach equals that step's prediction
@@ -246,14 +259,18 @@ def test_head_predictions_are_what_the_next_step_predicts(backend):
         x = torch.randn(STREAMS, INPUTS, generator=generator)
         predictor.step(x, torch.rand(STREAMS, 2, generator=generator))
     x = torch.randn(STREAMS, INPUTS, generator=generator)
-    before = {key: value.clone() for key, value in predictor.state_dict().items()
-              if isinstance(value, torch.Tensor)}
+    before = {
+        key: value.clone()
+        for key, value in predictor.state_dict().items()
+        if isinstance(value, torch.Tensor)
+    }
     normalized = predictor.input_normalizer.normalize(x)
     _, state = learner.functional_step(learner.params, learner.carry, normalized)
     expected = predictor.head_predictions(state, x)
     for key, value in before.items():
         assert torch.equal(predictor.state_dict()[key], value), key
     torch.testing.assert_close(predictor.step(x, torch.zeros(STREAMS, 2)), expected)
+
 
 @pytest.mark.parametrize("backend", ["eager", "fused"])
 def test_reading_the_agent_state_never_changes_the_learner(backend):

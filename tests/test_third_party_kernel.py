@@ -71,8 +71,10 @@ def test_the_plugins_compiled_step_takes_the_eager_steps(leaky_echo, independent
     torch.testing.assert_close(
         fast.learner.params["weight"], eager.learner.params["weight"], rtol=1e-12, atol=1e-14
     )
-    assert not torch.equal(fast.learner.params["weight"], predictor(
-        leaky_echo, "eager", independent).learner.params["weight"])  # it learned
+    assert not torch.equal(
+        fast.learner.params["weight"],
+        predictor(leaky_echo, "eager", independent).learner.params["weight"],
+    )  # it learned
 
 
 @pytest.mark.expensive

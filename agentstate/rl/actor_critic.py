@@ -643,9 +643,7 @@ class RTRLActorCritic(BaseAlgorithm):
         self._pending_actions = self._agent_step(observation, reward, dones, infos)
         return list(infos), np.asarray(dones, dtype=bool)
 
-    def _agent_step(
-        self, observation: Any, reward: Any, dones: Any, infos: Any
-    ) -> np.ndarray:
+    def _agent_step(self, observation: Any, reward: Any, dones: Any, infos: Any) -> np.ndarray:
         """Learn from the transition that ended in ``observation`` and choose the next actions.
 
         ``reward``, ``dones`` and ``infos`` are the env's for that transition (None on the
@@ -784,18 +782,29 @@ class RTRLActorCritic(BaseAlgorithm):
                 f"{self.num_timesteps}; no parameter was changed (lower the step sizes)"
             )
         heads = policy.head_params()
-        obgd_update(heads["critic"], policy.critic_trace, td_error, config.critic_step_size,
-                    config.critic_kappa)
-        taken = obgd_update(heads["actor"], policy.actor_trace, td_error,
-                            config.actor_step_size, config.actor_kappa)
+        obgd_update(
+            heads["critic"],
+            policy.critic_trace,
+            td_error,
+            config.critic_step_size,
+            config.critic_kappa,
+        )
+        taken = obgd_update(
+            heads["actor"], policy.actor_trace, td_error, config.actor_step_size, config.actor_kappa
+        )
         if config.entropy_coefficient:
             scale = (config.entropy_coefficient * taken).to(policy.value_dtype)
             for key, param in heads["actor"].items():
                 step = scale.view(-1, *([1] * (entropy_gradient[key].dim() - 1)))
                 param += (step * entropy_gradient[key]).mean(0, keepdim=True)
         if self._traces_core():
-            obgd_update(policy.core.params, policy.core_trace, td_error,
-                        config.learner_step_size, config.learner_kappa)
+            obgd_update(
+                policy.core.params,
+                policy.core_trace,
+                td_error,
+                config.learner_step_size,
+                config.learner_kappa,
+            )
 
     def _dump_logs(self, started: float) -> None:
         if self.ep_info_buffer:

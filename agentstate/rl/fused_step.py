@@ -47,12 +47,9 @@ def policy_not_finite(step: int) -> str:
 def unsupported_reason(policy: RTRLPolicy) -> str | None:
     """Why the compiled step cannot run this agent (None: it can)."""
     core = policy.core
-    if not callable(getattr(type(core), "fused_layout", None)):
-        return f"{type(core).__name__} has no compiled step (no fused_layout method)"
-    if core.device.type != "cpu":
-        return f"device {core.device} (the compiled step is CPU-only)"
-    if policy.value_dtype not in (torch.float32, torch.float64):
-        return f"dtype {policy.value_dtype}"
+    reason = fused.learner_unsupported_reason(core)
+    if reason is not None:
+        return reason
     if core.dtype != policy.value_dtype:
         return f"a {core.dtype} core under {policy.value_dtype} heads"
     if core.independent_params:
@@ -100,9 +97,7 @@ class FusedActorCriticStep:
         self.kernel: fused.Kernel = policy.core.fused_layout().kernel  # type: ignore[attr-defined]
         self._entry = library[f"{self.kernel.entry}_actor_critic_{name}"]
         self._finite = library["agentstate_actor_critic_inputs_finite"]
-        self._args = fused.ACArgs(
-            streams=policy.streams, observation_size=policy.observation_size
-        )
+        self._args = fused.ACArgs(streams=policy.streams, observation_size=policy.observation_size)
         self._args_reference = ctypes.byref(self._args)
         self._bound: tuple[Any, ...] = ()
         self._generation = -1

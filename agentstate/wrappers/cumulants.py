@@ -61,9 +61,7 @@ class Cumulants:
             self.groups: dict[str, slice] = {"cumulant": slice(0, size)}
         else:
             reward = ["reward"] if "reward" in kind else []
-            observation = (
-                list(observation_encoder.component_names) if "observation" in kind else []
-            )
+            observation = list(observation_encoder.component_names) if "observation" in kind else []
             self.names = reward + observation
             self.groups = {}
             if reward:

@@ -48,8 +48,10 @@ def units_matching_tbptt(rule: str) -> int:
 
 
 if __name__ == "__main__":
-    print(f"T-BPTT {TBPTT_UNITS}, k={TBPTT_WINDOW}: "
-          f"{dense_rule_flops('tbptt', TBPTT_UNITS, OBSERVATION_SIZE):,} FLOPs per step")
+    print(
+        f"T-BPTT {TBPTT_UNITS}, k={TBPTT_WINDOW}: "
+        f"{dense_rule_flops('tbptt', TBPTT_UNITS, OBSERVATION_SIZE):,} FLOPs per step"
+    )
     for rule in ("uoro", "snap1"):
         units = units_matching_tbptt(rule)
         flops = dense_rule_flops(rule, units, OBSERVATION_SIZE)
