@@ -38,7 +38,7 @@ from agentstate.checkpoint import atomic_write_bytes
 from agentstate.wrappers import AgentStateWrapper
 from agentstate.wrappers.controls import AgentStateControls
 from agentstate.wrappers.core import NONFINITE_INFO_KEY, AgentStateCore, StepBatch
-from agentstate.wrappers.settings import settings_from_options
+from agentstate.wrappers.settings import AgentStateSettings, settings_from_options
 from agentstate.wrappers.statistics import StatisticsTotals, summarize
 
 SAVE_FORMAT = "agentstate.sb3/1"
@@ -81,7 +81,9 @@ class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
         * v0.1.0 - Initially added.
     """
 
-    def __init__(self, venv: VecEnv, learner: str = "columnar", **options: Any) -> None:
+    def __init__(
+        self, venv: VecEnv, learner: str = AgentStateSettings.learner, **options: Any
+    ) -> None:
         """Wrap ``venv``; ``options`` are the keyword arguments of ``AgentStateWrapper``."""
         self.core = AgentStateCore(
             _observation_space(venv),

@@ -302,6 +302,42 @@ def test_a_folder_with_another_finished_config_is_refused(tmp_path):
     assert harness.is_finished(run, tmp_path)
 
 
+def test_a_run_finished_under_other_wrapper_defaults_is_another_run(tmp_path):
+    run = tiny_run(tmp_path)  # agent_state = {}: the wrapper's defaults
+    folder = tmp_path / run.name
+    folder.mkdir()
+    (folder / "done.json").write_text(json.dumps(run.identity()))
+    assert harness.is_finished(run, tmp_path)
+    # The folder's run read agent_state = {} too, but under a default gamma of 0.5.
+    identity = run.identity()
+    identity["agent_state_settings"] = harness.resolved_agent_state({"gamma": 0.5})
+    (folder / "done.json").write_text(json.dumps(identity))
+    with pytest.raises(ValueError, match="agent_state_settings.td_config.gamma is 0.5 there"):
+        harness.is_finished(run, tmp_path)
+
+
+def test_a_methods_agent_state_is_merged_into_its_bases(tmp_path):
+    text = TINY_SPEC + """
+[methods.base_32]
+base = "ppo_agentstate"
+agent_state = { n_features = 32, td_options = { optimizer = "rmsprop_td" } }
+
+[methods.base_32_both]
+base = "base_32"
+agent_state = { cumulants = "reward+observation", td_options = { head_step_size = 0.001 } }
+"""
+    methods = harness.load_spec(write_spec(tmp_path, text)).methods
+    assert methods["base_32_both"].agent_state == {
+        "n_features": 32,
+        "td_options": {"optimizer": "rmsprop_td", "head_step_size": 0.001},
+        "cumulants": "reward+observation",
+    }
+    assert methods["base_32"].agent_state == {
+        "n_features": 32,
+        "td_options": {"optimizer": "rmsprop_td"},
+    }
+
+
 # ---------------------------------------------------------------------- results
 def test_time_estimates_count_rollout_cycles_and_the_partial_rollout(tmp_path):
     folder = tmp_path / "run"

@@ -27,8 +27,8 @@ Spec::
     [run]                    # RunSettings fields (defaults below)
     steps = 100000
 
-    [methods.ppo_agentstate_obs]   # more methods; ``base`` names one to start from
-    base = "ppo_agentstate"
+    [methods.ppo_agentstate_obs]   # more methods; ``base`` names one to start from (a
+    base = "ppo_agentstate"        # method's agent_state is merged into its base's)
     agent_state = { cumulants = "reward+observation", n_features = 16 }
 
     [grid]                   # every combination; [[grid]] for a union of grids
@@ -84,7 +84,7 @@ from agentstate.checkpoint import atomic_write_bytes, describe_differences
 from agentstate.registry import make_learner
 from agentstate.sb3 import AgentStateVecEnv
 from agentstate.td import TDConfig
-from agentstate.wrappers.settings import settings_from_options
+from agentstate.wrappers.settings import AgentStateSettings, settings_from_options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -169,6 +169,27 @@ class Method:
         )
 
 
+def resolved_agent_state(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting ``AgentStateVecEnv(venv, **options)`` trains with, as plain data.
+
+    The wrapper's own settings, the engine's ``TDConfig`` and the learner's config, each
+    with its defaults filled in (and the harness's ``reconstruct_lags``).
+    """
+    options = dict(options)
+    lags = options.pop(RECONSTRUCT_KEY, [])
+    settings = settings_from_options(options.pop("learner", AgentStateSettings.learner), options)
+    learner = make_learner(settings.learner, 1, **settings.learner_kwargs)
+    wrapper_fields = ("cumulants", "include_observation", "include_prev_action")
+    wrapper_fields += ("include_prev_reward", "nonfinite")
+    return {
+        "learner": settings.learner,
+        **{name: getattr(settings, name) for name in wrapper_fields},
+        "td_config": dataclasses.asdict(TDConfig(**settings.td_config_options())),
+        "learner_config": dataclasses.asdict(learner.config),
+        RECONSTRUCT_KEY: list(lags),
+    }
+
+
 def _check_agent_state(options: Mapping[str, Any]) -> None:
     """Fail early on options ``AgentStateVecEnv`` would refuse: settings, TD and learner."""
     options = dict(options)
@@ -177,7 +198,7 @@ def _check_agent_state(options: Mapping[str, Any]) -> None:
         isinstance(lag, int) and not isinstance(lag, bool) and lag >= 1 for lag in lags
     ):
         raise ValueError(f"{RECONSTRUCT_KEY} must be a list of integers >= 1, got {lags!r}")
-    settings = settings_from_options(options.pop("learner", "columnar"), options)
+    settings = settings_from_options(options.pop("learner", AgentStateSettings.learner), options)
     TDConfig(**settings.td_config_options())
     make_learner(settings.learner, 4, **settings.learner_kwargs)
 
@@ -258,18 +279,22 @@ class BenchRun:
     """Torch threads of the run (``cpus`` is what ``agentstate.sweep``'s pools read)."""
 
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run (compared with a finished folder's marker)."""
-        return json.loads(
-            json.dumps(
-                {
-                    "task": self.task,
-                    "variant": self.variant,
-                    "method": dataclasses.asdict(self.method),
-                    "seed": self.seed,
-                    "settings": dataclasses.asdict(self.settings),
-                }
-            )
-        )
+        """What makes two runs the same run (compared with a finished folder's marker).
+
+        A run with an agent state also carries ``agent_state_settings``, its wrapper settings
+        resolved against the defaults of the installed ``agentstate``: a run finished under
+        other defaults is another run, even where its ``agent_state`` options read the same.
+        """
+        identity = {
+            "task": self.task,
+            "variant": self.variant,
+            "method": dataclasses.asdict(self.method),
+            "seed": self.seed,
+            "settings": dataclasses.asdict(self.settings),
+        }
+        if self.method.agent_state is not None:
+            identity["agent_state_settings"] = resolved_agent_state(self.method.agent_state)
+        return json.loads(json.dumps(identity))
 
 
 def make_venv(run: BenchRun, n_envs: int, env_seed: int) -> VecEnv:
@@ -575,7 +600,21 @@ def _method_from_table(name: str, table: Mapping[str, Any], known: Mapping[str, 
         return Method(**table)
     if base_name not in known:
         raise ValueError(f"[methods.{name}]: unknown base {base_name!r}; known: {sorted(known)}")
-    return dataclasses.replace(copy.deepcopy(known[base_name]), **table)
+    base = copy.deepcopy(known[base_name])
+    if base.agent_state is not None and "agent_state" in table:
+        table["agent_state"] = _merged(base.agent_state, table["agent_state"])
+    return dataclasses.replace(base, **table)
+
+
+def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied, nested tables (``td_options``) merged key by key."""
+    merged = dict(copy.deepcopy(base))
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _run_settings(fields: Mapping[str, Any]) -> RunSettings:
