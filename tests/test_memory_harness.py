@@ -317,7 +317,9 @@ def test_a_run_finished_under_other_wrapper_defaults_is_another_run(tmp_path):
 
 
 def test_a_methods_agent_state_is_merged_into_its_bases(tmp_path):
-    text = TINY_SPEC + """
+    text = (
+        TINY_SPEC
+        + """
 [methods.base_32]
 base = "ppo_agentstate"
 agent_state = { n_features = 32, td_options = { optimizer = "rmsprop_td" } }
@@ -326,6 +328,7 @@ agent_state = { n_features = 32, td_options = { optimizer = "rmsprop_td" } }
 base = "base_32"
 agent_state = { cumulants = "reward+observation", td_options = { head_step_size = 0.001 } }
 """
+    )
     methods = harness.load_spec(write_spec(tmp_path, text)).methods
     assert methods["base_32_both"].agent_state == {
         "n_features": 32,
