@@ -178,6 +178,28 @@ def test_the_wrapper_search_spec_expands():
     assert {"as_reconstruct", "as_both,step_size=0.003", "as_both_elstm"} <= variants
 
 
+def test_the_wrapper_defaults_are_the_best_setting_of_the_committed_search():
+    """AgentStateVecEnv() with no options = the variant with the best mean over the tasks."""
+    table = read_rows(
+        Path(__file__).parents[1] / "benchmarks/results/memory_wrapper_search/results.csv"
+    )
+    by_variant = {}
+    for row in table:
+        by_variant.setdefault(row["variant"], {})[row["task"]] = float(row["eval_return_mean"])
+    tasks_of_all = set.intersection(*(set(returns) for returns in by_variant.values()))
+    assert len(tasks_of_all) == 5
+    searched = {name: returns for name, returns in by_variant.items() if name != "ppo"}
+    best = max(searched, key=lambda name: np.mean([searched[name][t] for t in tasks_of_all]))
+    spec = harness.load_spec(HARNESS / "wrapper_search.toml")
+    (run,) = [
+        run
+        for run in harness.expand_spec(spec).runs
+        if run.variant == best and run.task == "CueMemory" and run.seed == 0
+    ]
+    defaults = harness.resolved_agent_state({})
+    assert harness.resolved_agent_state(run.method.agent_state) == defaults, best
+
+
 # ---------------------------------------------------------------------- one run
 def test_a_run_keeps_the_budget_trains_whole_rollouts_and_writes_its_folder(tmp_path):
     run = tiny_run(tmp_path, steps=400)  # rollouts of 256: one trained, one cut at 400

@@ -170,7 +170,8 @@ def test_nonfinite_observation_in_a_vec_env_names_the_env_or_is_skipped():
     venv.reset()
     venv.step(np.zeros(2, dtype=np.int64))
     observations, _, _, infos = venv.step(np.zeros(2, dtype=np.int64))
-    assert [info[NONFINITE_INFO_KEY] for info in infos] == [["observation[1]"]] * 2
+    names = ["observation[1]", "cumulant observation[1]"]  # input and (default) head
+    assert [info[NONFINITE_INFO_KEY] for info in infos] == [names] * 2
     assert all(row in venv.observation_space for row in observations)
 
 

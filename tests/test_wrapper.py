@@ -461,7 +461,8 @@ def test_nonfinite_skip_reports_in_info_and_keeps_the_step_out_of_learning():
     weight = env.predictor.learner.params["weight"].clone()
     heads = env.predictor.head_weight.clone()
     observation, _, _, _, info = env.step(1)
-    assert info[NONFINITE_INFO_KEY] == ["observation[1]"]
+    # The learner's input and (by default) the head predicting that component.
+    assert info[NONFINITE_INFO_KEY] == ["observation[1]", "cumulant observation[1]"]
     assert observation in env.observation_space
     torch.testing.assert_close(env.predictor.learner.params["weight"], weight, rtol=0, atol=0)
     torch.testing.assert_close(env.predictor.head_weight, heads, rtol=0, atol=0)

@@ -78,9 +78,9 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             env: the environment (Box, Discrete, MultiDiscrete, MultiBinary, Dict or Tuple
                 observations; images need ``encoder``).
             learner: registered state learner (``agentstate.available_learners()``).
-            cumulants: ``"reward"``, ``"observation"`` (one head per encoded observation
-                component), ``"reward+observation"``, or ``(observation, reward, info) ->
-                1-D array``.
+            cumulants: ``"reward+observation"`` (default), ``"reward"``,
+                ``"observation"`` (one head per encoded observation component), or
+                ``(observation, reward, info) -> 1-D array``.
             include_observation: return ``[enc(o_t), h_t]``; False returns ``h_t`` alone.
             include_prev_action: the learner's input carries the previous action.
             include_prev_reward: the learner's input carries the previous reward.

@@ -12,7 +12,7 @@ from gymnasium.vector.utils import batch_space
 
 from agentstate.wrappers.controls import AgentStateControls
 from agentstate.wrappers.core import NONFINITE_INFO_KEY, AgentStateCore, StepBatch, StepResult
-from agentstate.wrappers.settings import settings_from_options
+from agentstate.wrappers.settings import AgentStateSettings, settings_from_options
 
 
 class AgentStateVectorWrapper(AgentStateControls, gym.vector.VectorWrapper):
@@ -40,7 +40,9 @@ class AgentStateVectorWrapper(AgentStateControls, gym.vector.VectorWrapper):
         * v0.1.0 - Initially added.
     """
 
-    def __init__(self, env: gym.vector.VectorEnv, learner: str = "columnar", **options: Any):
+    def __init__(
+        self, env: gym.vector.VectorEnv, learner: str = AgentStateSettings.learner, **options: Any
+    ):
         """Wrap ``env``; ``options`` are the keyword arguments of ``AgentStateWrapper``."""
         super().__init__(env)
         self.autoreset_mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
