@@ -199,7 +199,9 @@ class AgentStateLoggerCallback(BaseCallback):
         >>> for key in sorted(header):
         ...     if key.startswith("agent_state/"):
         ...         print(key)
+        agent_state/mean_squared_td_error/observation
         agent_state/mean_squared_td_error/reward
+        agent_state/msre/observation
         agent_state/msre/reward
         agent_state/state_rms
         agent_state/steps_per_second
