@@ -198,9 +198,7 @@ def _check_agent_state(options: Mapping[str, Any]) -> None:
         isinstance(lag, int) and not isinstance(lag, bool) and lag >= 1 for lag in lags
     ):
         raise ValueError(f"{RECONSTRUCT_KEY} must be a list of integers >= 1, got {lags!r}")
-    settings = settings_from_options(options.pop("learner", AgentStateSettings.learner), options)
-    TDConfig(**settings.td_config_options())
-    make_learner(settings.learner, 4, **settings.learner_kwargs)
+    resolved_agent_state(options)  # builds the settings, the TDConfig and the learner
 
 
 BUILTIN_METHODS: dict[str, Method] = {
