@@ -139,20 +139,30 @@ def _max_relative_difference(first, second):
     return 0.0
 
 
+def narrow_box_pendulum() -> gym.Env:
+    """Pendulum whose actions live in [-0.25, 0.75]: the initial policy's draws mostly clip."""
+    return gym.wrappers.RescaleAction(gym.make("Pendulum-v1"), -0.25, 0.75)
+
+
 @pytest.mark.parametrize("learner", sorted(COMPILED_CORES))
-@pytest.mark.parametrize("env_id", ["cue-recall", "Pendulum-v1"])
+@pytest.mark.parametrize("env_id", ["cue-recall", "Pendulum-v1", "narrow-box"])
 def test_the_compiled_step_acts_and_learns_as_the_eager_one(learner, env_id):
     """Same actions, parameters, traces, statistics and draws after 160 env steps of 2 envs,
-    discrete and box actions, with every update and stabiliser on. (Learning at these step
-    sizes is chaotic: a last-bit difference in a sum grows ~10x per 25 steps, so a longer
-    run would compare the dynamics, not the step.)"""
-    make = (lambda: CueRecall(delay=3)) if env_id == "cue-recall" else (lambda: gym.make(env_id))
+    discrete and box actions (a narrow box clips most actions), with every update and
+    stabiliser on. (Learning at these step sizes is chaotic: a last-bit difference in a sum
+    grows ~10x per 25 steps, ~30x per 20 on the narrow box, so a longer run would compare the
+    dynamics, not the step.)"""
+    make = {
+        "cue-recall": lambda: CueRecall(delay=3),
+        "Pendulum-v1": lambda: gym.make("Pendulum-v1"),
+        "narrow-box": narrow_box_pendulum,
+    }[env_id]
     models = {}
     for backend in ("eager", "fused"):
         env = make_vec_env(make, n_envs=2, seed=3)
         models[backend] = RTRLActorCritic(env, learner=learner, backend=backend, seed=0,
                                           learner_kwargs=COMPILED_CORES[learner])  # fmt: skip
-        models[backend].learn(160)
+        models[backend].learn(60 if env_id == "narrow-box" else 160)
     assert models["fused"].compiled and not models["eager"].compiled
     eager, compiled = (models[b].policy.state_dict() for b in ("eager", "fused"))
     assert _max_relative_difference(eager, compiled) <= 1e-9
@@ -330,3 +340,40 @@ def test_train_command_refuses_an_unknown_agent_setting(tmp_path, capsys):
     argv = ["train", "CartPole-v1", "--agent", "learning_rate=0.1", "--out", str(tmp_path)]
     assert main(argv) == 2
     assert "unknown actor-critic setting(s) learning_rate" in capsys.readouterr().err
+
+
+def test_the_core_sees_box_actions_as_executed_clipped_and_scaled_to_unit_range():
+    """The previous action enters the core as the env executes it: clipped to the box, then
+    mapped to [-1, 1]. Fed back unclipped, a large action drives the core, whose state drives
+    a larger action, until the action overflows (seen on position-only Pendulum)."""
+    env = make_vec_env(narrow_box_pendulum, n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    policy = model.policy
+    executed = torch.tensor([[-5.0], [0.25], [0.75], [1e300]], dtype=torch.float64)
+    assert policy.action_input(executed).flatten().tolist() == [-1.0, 0.0, 1.0, 1.0]
+    model.learn(200)
+    assert policy.action_state.abs().max() <= 1.0
+    observation = env.reset()
+    _, state = model.predict(observation, None, np.ones(2, dtype=bool))
+    policy.actor_weight.fill_(1e200)  # scores far outside the box, still finite
+    _, state = model.predict(observation, state, np.zeros(2, dtype=bool))
+    assert np.abs(state[-1]).max() <= 1.0
+
+
+def test_unbounded_box_actions_reach_the_core_unchanged():
+    from agentstate.rl.action_bounds import ActionBounds
+
+    box = spaces.Box(np.array([-np.inf, 0.0, -2.0]), np.array([np.inf, np.inf, 2.0]))
+    bounds = ActionBounds.of(box, 3)
+    action = torch.tensor([[7.0, -3.0, 4.0]], dtype=torch.float32)
+    encoded = bounds.encode(action)
+    assert encoded.dtype == torch.float32
+    assert encoded.tolist() == [[7.0, 0.0, 1.0]]  # only the bounded sides clip or scale
+
+
+def test_predict_refuses_to_hand_the_env_an_action_that_is_not_finite():
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0)
+    model.policy.actor_weight.fill_(float("nan"))
+    with pytest.raises(LearnerDivergedError, match="predict: the policy's actions are not finite"):
+        model.predict(env.reset(), deterministic=True)

@@ -235,9 +235,15 @@ struct ActorCriticEngine {
         const T* log_sigma = log_std + p * A;
         T* action = static_cast<T*>(ac.action) + b * A;
         T* e_log_std = log_std_trace + b * A;
+        const auto* action_low = static_cast<const double*>(ac.action_low);
+        const auto* action_high = static_cast<const double*>(ac.action_high);
+        const auto* action_scale = static_cast<const double*>(ac.action_scale);
+        const auto* action_offset = static_cast<const double*>(ac.action_offset);
         for (index k = 0; k < A; ++k) {
           action[k] = scores[k] + spread[b * A + k];
-          a_in[k] = action[k];
+          // The core sees the action as the env executes it: clipped, then mapped to [-1, 1].
+          const T clipped = std::clamp(action[k], T(action_low[k]), T(action_high[k]));
+          a_in[k] = clipped * T(action_scale[k]) + T(action_offset[k]);
           const T variance = std::exp(T(2) * log_sigma[k]);
           const T deviation = action[k] - scores[k];
           score[k] = deviation / variance;

@@ -49,6 +49,7 @@ from torch import Tensor
 from agentstate.learner import StateLearner
 from agentstate.observation import SpaceEncoder, make_observation_encoder
 from agentstate.registry import make_learner
+from agentstate.rl.action_bounds import ActionBounds
 from agentstate.rl.fused_step import BACKENDS, fused_step, policy_not_finite
 from agentstate.rl.noise import NoiseBlocks
 from agentstate.rl.streaming import RewardScaler, RunningMeanStd, obgd_update
@@ -150,6 +151,7 @@ class RTRLPolicy(BasePolicy):
             self.n_actions = int(action_space.n)
         else:
             self.n_actions = int(np.prod(action_space.shape or ()))
+        self.action_bounds = ActionBounds.of(action_space, self.n_actions)
         action_inputs = self.n_actions if self.config.include_prev_action else 0
         self.core: StateLearner = make_learner(
             learner,
@@ -318,10 +320,16 @@ class RTRLPolicy(BasePolicy):
         return torch.randn(shape, generator=self.generator, dtype=self.value_dtype)
 
     def action_input(self, action: Tensor) -> Tensor:
-        """The learner's encoding of actions: one-hot ``[B, A]`` or the box action."""
+        """The learner's encoding of actions ``[B, A]``: one-hot, or the box action as executed.
+
+        A box action is clipped to its bounds as the env clips it, then mapped to [-1, 1] where
+        both bounds are finite (``ActionBounds``). Feeding back the unclipped Gaussian sample
+        would close a loop with no bound: a large action drives the core, whose state drives a
+        larger action.
+        """
         if self.discrete:
             return torch.nn.functional.one_hot(action, self.n_actions).to(self.value_dtype)
-        return action.to(self.value_dtype).reshape(len(action), -1)
+        return self.action_bounds.encode(action.to(self.value_dtype).reshape(len(action), -1))
 
     def policy_gradients(
         self, features: Tensor, scores: Tensor, action: Tensor
@@ -416,6 +424,12 @@ class RTRLPolicy(BasePolicy):
             carry, h = self.core.functional_step(self.core.params, carry, x)
             scores = self.action_scores(self.head_features(h, x))
             action = self.sample(scores, None if deterministic else self.draw(batch))
+        if not bool(torch.isfinite(action).all()):
+            raise LearnerDivergedError(
+                "predict: the policy's actions are not finite: the agent state or the heads grew "
+                "without bound (lower the step sizes, or use a core whose state is bounded, "
+                "e.g. rtu with activation='tanh')"
+            )
         next_state = (*(part.numpy() for part in carry), self.action_input(action).numpy())
         actions = self._env_actions(action)
         return (actions[0] if single else actions), next_state

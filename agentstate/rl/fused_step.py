@@ -220,6 +220,10 @@ class FusedActorCriticStep:
             "reward_mean": reward_statistics.mean,
             "reward_m2": reward_statistics.sum_of_squares,
             "statistics": policy.log_sums,
+            "action_low": policy.action_bounds.low,
+            "action_high": policy.action_bounds.high,
+            "action_scale": policy.action_bounds.scale,
+            "action_offset": policy.action_bounds.offset,
         }
         for name, tensor in float64.items():
             setattr(args, name, fused.pointer(tensor, torch.float64))
