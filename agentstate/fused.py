@@ -387,6 +387,8 @@ class ACArgs(ctypes.Structure):
                 "action_high",
                 "action_scale",
                 "action_offset",
+                "log_std_low",
+                "log_std_high",
                 "started",
                 "previous_value",
                 "previous_features",

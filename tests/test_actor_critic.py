@@ -2,6 +2,7 @@
 clear errors, and learning a task that needs memory."""
 
 import copy
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -307,7 +308,7 @@ def test_a_policy_that_is_not_finite_stops_before_the_env_sees_its_action(backen
     model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0,
                             backend=backend)  # fmt: skip
     model.learn(20)
-    model.policy.log_std.fill_(float("inf"))
+    model.policy.log_std.fill_(float("nan"))  # (an infinite one would be clamped back)
     with pytest.raises(LearnerDivergedError, match="action scores or actions are not finite"):
         model.learn(10, reset_num_timesteps=False)
     assert np.isfinite(model._pending_actions).all()  # the last action sent was finite
@@ -377,3 +378,26 @@ def test_predict_refuses_to_hand_the_env_an_action_that_is_not_finite():
     model.policy.actor_weight.fill_(float("nan"))
     with pytest.raises(LearnerDivergedError, match="predict: the policy's actions are not finite"):
         model.predict(env.reset(), deterministic=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_the_log_std_stays_within_its_bounds_relative_to_the_box(backend):
+    """The entropy bonus raises a Box policy's log-std by a fixed amount each step; left
+    unbounded it reached 354 in 97k steps on position-only Pendulum, then exp overflowed."""
+    env = make_vec_env(narrow_box_pendulum, n_envs=2, seed=0)  # half-width 0.5
+    config = {"entropy_coefficient": 1.0, "max_log_std": 0.5, "min_log_std": -1.0}
+    model = RTRLActorCritic(env, learner="columnar", learner_kwargs={"n_features": 4}, seed=0,
+                            config=config, backend=backend)  # fmt: skip
+    model.learn(300)
+    ceiling = math.log(0.5) + 0.5
+    assert model.policy.log_std.item() == pytest.approx(ceiling, abs=1e-12)
+    model.policy.log_std.fill_(-30.0)
+    model.learn(20, reset_num_timesteps=False)
+    assert model.policy.log_std.item() >= math.log(0.5) - 1.0 - 1e-12
+
+
+def test_log_std_bounds_must_be_ordered():
+    from agentstate.rl.actor_critic import ActorCriticConfig
+
+    with pytest.raises(ValueError, match="min_log_std must be below max_log_std"):
+        ActorCriticConfig(min_log_std=1.0, max_log_std=1.0)

@@ -177,6 +177,7 @@ struct ActorCriticEngine {
       obgd_apply(actor, actor_trace, actor_scale.data(), A * F);
       if (!ac.discrete) obgd_apply(log_std, log_std_trace, actor_scale.data(), A);
       if (ac.entropy_coefficient != 0.0) entropy_bonus(actor, log_std, previous_features, entropy_score);
+      if (!ac.discrete) clamp_log_std(log_std);
     }
 
     const auto* noise = static_cast<const T*>(ac.noise);
@@ -334,6 +335,18 @@ struct ActorCriticEngine {
       for (index b = 0; b < B; ++b)
         for (index i = 0; i < size; ++i) param[b * size + i] += scale[b] * trace[b * size + i];
     }
+  }
+
+  // Box actions: each log-std back into [log_std_low, log_std_high] (shared or per stream).
+  void clamp_log_std(T* log_std) const {
+    const auto* low = static_cast<const double*>(ac.log_std_low);
+    const auto* high = static_cast<const double*>(ac.log_std_high);
+    const index rows = P == 1 ? 1 : B;
+    for (index p = 0; p < rows; ++p)
+      for (index k = 0; k < A; ++k) {
+        T& value = log_std[p * A + k];
+        value = std::clamp(value, T(low[k]), T(high[k]));
+      }
   }
 
   // W += tau alpha_actor dH(pi(s_t))/dW: entropy score x phi_t (discrete), d/d log_std = 1 (box).

@@ -37,6 +37,11 @@ class ActionBounds:
         middle = torch.where(bounded, (high + low) / 2, torch.zeros_like(low))
         return cls(low=low, high=high, scale=1 / half_width, offset=-middle / half_width)
 
+    @property
+    def log_half_width(self) -> Tensor:
+        """``[A]``: log of each dimension's half-width (0 along an unbounded one)."""
+        return -torch.log(self.scale)
+
     def encode(self, action: Tensor) -> Tensor:
         """``[B, A]`` actions as the core sees them, in ``action``'s dtype."""
         dtype = action.dtype

@@ -101,6 +101,14 @@ class ActorCriticConfig:
     """The learner reads the previous action beside the observation."""
     initial_log_std: float = 0.0
     """Box actions: the Gaussian's log-std at the start."""
+    min_log_std: float = -5.0
+    """Box actions: the log-std is kept at or above this, plus the log of the box's half-width
+    along a bounded dimension (``exp(-5)`` half-widths)."""
+    max_log_std: float = 2.0
+    """Box actions: the log-std is kept at or below this, plus the log of the half-width
+    (``e^2`` half-widths). A wider Gaussian changes nothing the env executes (it clips), and
+    the entropy bonus, whose gradient in the log-std is always 1, would otherwise raise it
+    without end until ``exp`` overflows (seen at step 97k on position-only Pendulum)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lambda_ <= 1.0:
@@ -108,6 +116,11 @@ class ActorCriticConfig:
         for name in ("critic_step_size", "actor_step_size", "learner_step_size"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.min_log_std < self.max_log_std:
+            raise ValueError(
+                f"min_log_std must be below max_log_std, got {self.min_log_std!r} and "
+                f"{self.max_log_std!r}"
+            )
         for name in ("critic_kappa", "actor_kappa", "learner_kappa"):
             if not getattr(self, name) > 0.0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -152,6 +165,11 @@ class RTRLPolicy(BasePolicy):
         else:
             self.n_actions = int(np.prod(action_space.shape or ()))
         self.action_bounds = ActionBounds.of(action_space, self.n_actions)
+        log_half_width = self.action_bounds.log_half_width
+        self.log_std_low = log_half_width + self.config.min_log_std
+        """``[A]`` float64: the log-std's floor per action dimension."""
+        self.log_std_high = log_half_width + self.config.max_log_std
+        """``[A]`` float64: the log-std's ceiling per action dimension."""
         action_inputs = self.n_actions if self.config.include_prev_action else 0
         self.core: StateLearner = make_learner(
             learner,
@@ -811,6 +829,10 @@ class RTRLActorCritic(BaseAlgorithm):
             for key, param in heads["actor"].items():
                 step = scale.view(-1, *([1] * (entropy_gradient[key].dim() - 1)))
                 param += (step * entropy_gradient[key]).mean(0, keepdim=True)
+        if not policy.discrete:
+            dtype = policy.value_dtype
+            low, high = policy.log_std_low.to(dtype), policy.log_std_high.to(dtype)
+            torch.clamp(policy.log_std, low, high, out=policy.log_std)
         if self._traces_core():
             obgd_update(
                 policy.core.params,

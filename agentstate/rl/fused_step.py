@@ -224,6 +224,8 @@ class FusedActorCriticStep:
             "action_high": policy.action_bounds.high,
             "action_scale": policy.action_bounds.scale,
             "action_offset": policy.action_bounds.offset,
+            "log_std_low": policy.log_std_low,
+            "log_std_high": policy.log_std_high,
         }
         for name, tensor in float64.items():
             setattr(args, name, fused.pointer(tensor, torch.float64))
