@@ -425,6 +425,25 @@ def _describe_outcome(outcome: RunOutcome) -> str:
     )
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A pool worker's initializer: on Linux, end this worker when the sweep process ends.
+
+    Otherwise a sweep killed by its pid (not Ctrl-C, which reaches the whole process group)
+    leaves workers that finish their runs with the code they loaded and write them where a
+    restarted sweep takes them as done.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(set_parent_death_signal, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent ended before the signal was armed
+        os._exit(1)
+
+
 class _LocalPool:
     """Runs on this machine: a process pool started with ``spawn``."""
 
@@ -432,7 +451,9 @@ class _LocalPool:
         context = multiprocessing.get_context("spawn")
         self._manager = context.Manager()
         self._progress = self._manager.Queue()
-        self._executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        self._executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        )
 
     def submit(self, run: SweepRun, out_root: str) -> concurrent.futures.Future[RunOutcome]:
         return self._executor.submit(execute_run, run, out_root, self._progress)

@@ -2,7 +2,11 @@
 
 import importlib.util
 import json
+import os
 import queue
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +213,36 @@ def test_example_specs_expand():
     for spec_path in sorted(EXAMPLES.glob("*.toml")):
         runs = expand_spec(load_spec(spec_path))
         assert runs and len({run.name for run in runs}) == len(runs), spec_path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_pool_workers_end_with_a_sweep_killed_by_its_pid(tmp_path):
+    """A worker left behind would finish its run with stale code and mark it done."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from agentstate.sweep import _LocalPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = _LocalPool(1)\n"
+        "    pool._executor.submit(time.sleep, 120)\n"
+        "    time.sleep(0.5)\n"
+        "    print(*pool._executor._processes, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline().split()[0])
+    os.kill(worker, 0)  # alive while the sweep runs
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
