@@ -200,6 +200,33 @@ def test_the_wrapper_defaults_are_the_best_setting_of_the_committed_search():
     assert harness.resolved_agent_state(run.method.agent_state) == defaults, best
 
 
+def test_the_actor_critic_defaults_are_the_best_setting_of_the_committed_search():
+    """RTRLActorCritic(env)'s core and `agentstate train`'s env count = the searched variant
+    with the best mean over the suite."""
+    from agentstate.rl.actor_critic import DEFAULT_LEARNER, DEFAULT_LEARNER_KWARGS
+    from agentstate.rl.training import TrainConfig
+
+    table = read_rows(
+        Path(__file__).parents[1] / "benchmarks/results/memory_actor_critic/search/results.csv"
+    )
+    by_variant = {}
+    for row in table:
+        by_variant.setdefault(row["variant"], {})[row["task"]] = float(row["eval_return_mean"])
+    assert all(len(returns) == 15 for returns in by_variant.values())
+    best = max(by_variant, key=lambda name: np.mean(list(by_variant[name].values())))
+    spec = harness.load_spec(HARNESS / "actor_critic_search.toml")
+    (run,) = [
+        run
+        for run in harness.expand_spec(spec).runs
+        if run.variant == best and run.task == "CueMemory" and run.seed == 0
+    ]
+    kwargs = run.method.algorithm_kwargs
+    assert (kwargs["learner"], kwargs["learner_kwargs"]) == (
+        DEFAULT_LEARNER, dict(DEFAULT_LEARNER_KWARGS)
+    ), best  # fmt: skip
+    assert run.method.n_envs == TrainConfig(env="CartPole-v1").envs
+
+
 # ---------------------------------------------------------------------- one run
 def test_a_run_keeps_the_budget_trains_whole_rollouts_and_writes_its_folder(tmp_path):
     run = tiny_run(tmp_path, steps=400)  # rollouts of 256: one trained, one cut at 400

@@ -59,7 +59,7 @@ DEFAULT_LEARNER = "rtu"
 DEFAULT_LEARNER_KWARGS: Mapping[str, Any] = {"n_features": 32, "activation": "tanh"}
 """The core when none is named: 16 complex recurrent trace units with a bounded (tanh) output,
 the best mean return over the memory harness's POPGym suite of the cores and settings tried
-(``benchmarks/memory/README.md``; with ReLU the RTU core diverged on the Box-action tasks)."""
+(``benchmarks/memory/README.md``)."""
 
 
 @dataclass(frozen=True)
