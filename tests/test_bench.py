@@ -45,3 +45,34 @@ def test_quick_bench_writes_every_table(tmp_path, capsys):
     assert "| case | params | target | fused | fused indep. |" in out
     assert "| learner | backend |" in out
     assert "| core | compiled | eager | TD step |" in out
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_gpu_eager_step_check_times_every_learner_and_writes_its_table(tmp_path, device):
+    """benchmarks/gpu_eager_step.py, on a tiny budget (beside a GPU, the CPU is timed too)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_eager_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_eager_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--device", device, "--streams", "2", "3", "--cpu-streams", "2", "--seconds", "0.01"]
+    assert script.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(row["learner"], row["streams"]) for row in rows] == [
+        (name, streams) for name in ("columnar", "elstm", "rtu", "ccn") for streams in (2, 3)
+    ]
+    assert all(row[f"{device}_us_per_stream_step"] > 0 for row in rows)
+    if device == "cuda":
+        assert [row["streams"] for row in rows if "cpu_us_per_step" in row] == [2] * 4
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 1 + len(rows)
