@@ -2,6 +2,7 @@
 clear errors, and learning a task that needs memory."""
 
 import copy
+import json
 import math
 
 import gymnasium as gym
@@ -180,6 +181,35 @@ def test_with_no_core_named_it_takes_the_harness_best_and_overrides_its_options(
     smaller = RTRLActorCritic(env, learner_kwargs={"n_features": 8}, seed=0)
     assert smaller.learner_kwargs == {"n_features": 8, "activation": "tanh"}
     assert RTRLActorCritic(env, learner="columnar", seed=0).learner_kwargs == {}
+
+
+def test_python_config_and_command_line_resolve_the_core_by_the_same_rule(tmp_path):
+    """No core named: the tuned RTU, options overridable; a core named (even "rtu"): its
+    plugin's defaults and the options given, never the tuned core's options."""
+    from agentstate.cli import main
+    from agentstate.rl.training import TrainConfig
+
+    env = make_vec_env(lambda: CueRecall(), n_envs=1, seed=0)
+    cases = [
+        ((None, {}), ("rtu", {"n_features": 32, "activation": "tanh"})),
+        ((None, {"n_features": 8}), ("rtu", {"n_features": 8, "activation": "tanh"})),
+        (("rtu", {}), ("rtu", {})),
+        (("columnar", {"n_features": 4}), ("columnar", {"n_features": 4})),
+    ]
+    for (learner, kwargs), resolved in cases:
+        model = RTRLActorCritic(env, learner=learner, learner_kwargs=kwargs, seed=0)
+        assert (model.learner, model.learner_kwargs) == resolved
+        config = TrainConfig(env="CartPole-v1", learner=learner, learner_kwargs=kwargs)
+        assert (config.learner, config.learner_kwargs) == resolved
+        argv = ["train", "CartPole-v1", "--steps", "20", "--log-every", "10", "--no-progress"]
+        argv += [] if learner is None else ["--learner", learner]
+        argv += [
+            arg for key, value in kwargs.items() for arg in ("--learner-kwarg", f"{key}={value}")
+        ]
+        out = tmp_path / f"{learner}-{len(kwargs)}"
+        assert main([*argv, "--out", str(out)]) == 0
+        written = json.loads((out / "config.json").read_text())["train"]
+        assert (written["learner"], written["learner_kwargs"]) == resolved
 
 
 def test_backend_fused_names_why_it_cannot_run():

@@ -22,14 +22,19 @@ def add_parser(verbs: Any) -> None:
     parser.add_argument(
         "env", help="a Gymnasium id, or module:id (e.g. popgym:popgym-RepeatPreviousEasy-v0)"
     )
-    parser.add_argument("--learner", default=DEFAULTS.learner, help="registered learner name")
+    parser.add_argument(
+        "--learner",
+        default=None,
+        help=f"registered learner name (default: {DEFAULTS.learner} with "
+        f"{DEFAULTS.learner_kwargs}, the harness's best; a named core gets its own defaults)",
+    )
     parser.add_argument(
         "--learner-kwarg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"learner keyword argument (default with the default learner: "
-        f"{DEFAULTS.learner_kwargs}; repeatable)",
+        help="learner keyword argument (overrides the default core's options one by one; "
+        "repeatable)",
     )
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps, help="env steps in all")
     parser.add_argument("--envs", type=int, default=DEFAULTS.envs, help="envs stepped together")
@@ -54,12 +59,7 @@ def handle(args: argparse.Namespace) -> int:
     config = TrainConfig(
         env=args.env,
         learner=args.learner,
-        # The default core's options go with the default core only, each overridable.
-        learner_kwargs=(
-            {**DEFAULTS.learner_kwargs, **learner_kwargs}
-            if args.learner == DEFAULTS.learner
-            else learner_kwargs
-        ),
+        learner_kwargs=learner_kwargs,
         steps=args.steps,
         envs=args.envs,
         seed=args.seed,

@@ -62,6 +62,20 @@ the best mean return over the memory harness's POPGym suite of the cores and set
 (``benchmarks/memory/README.md``)."""
 
 
+def resolved_core(
+    learner: str | None, learner_kwargs: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The core's name and options (the one rule of the actor-critic, ``TrainConfig`` and CLI).
+
+    With no core named: ``DEFAULT_LEARNER`` with ``DEFAULT_LEARNER_KWARGS``, which
+    ``learner_kwargs`` override one by one. A named core gets its plugin's defaults and
+    ``learner_kwargs`` only (naming ``"rtu"`` gives the plugin's RTU, not the tuned one).
+    """
+    if learner is None:
+        return DEFAULT_LEARNER, {**DEFAULT_LEARNER_KWARGS, **(learner_kwargs or {})}
+    return learner, dict(learner_kwargs or {})
+
+
 @dataclass(frozen=True)
 class ActorCriticConfig:
     """Hyper-parameters of the streaming actor-critic.
@@ -575,11 +589,7 @@ class RTRLActorCritic(BaseAlgorithm):
             seed=seed,
             supported_action_spaces=(spaces.Discrete, spaces.Box),
         )
-        if learner is None:  # the default core, its options overridable one by one
-            learner = DEFAULT_LEARNER
-            learner_kwargs = {**DEFAULT_LEARNER_KWARGS, **(learner_kwargs or {})}
-        self.learner = learner
-        self.learner_kwargs = dict(learner_kwargs or {})
+        self.learner, self.learner_kwargs = resolved_core(learner, learner_kwargs)
         if isinstance(config, Mapping):
             config = ActorCriticConfig(**config)
         self.config = config or ActorCriticConfig()

@@ -22,12 +22,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from agentstate.checkpoint import atomic_write_bytes
 from agentstate.plotting import plot_learning_curve
-from agentstate.rl.actor_critic import (
-    DEFAULT_LEARNER,
-    DEFAULT_LEARNER_KWARGS,
-    ActorCriticConfig,
-    RTRLActorCritic,
-)
+from agentstate.rl.actor_critic import ActorCriticConfig, RTRLActorCritic, resolved_core
 
 
 @dataclass
@@ -36,10 +31,11 @@ class TrainConfig:
 
     env: str
     """A Gymnasium id, or ``module:id`` (the module is imported first, e.g. ``popgym:...``)."""
-    learner: str = DEFAULT_LEARNER
-    learner_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LEARNER_KWARGS))
-    """The core and its options; the defaults did best on the memory harness
-    (``benchmarks/memory/README.md``)."""
+    learner: str | None = None
+    learner_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The core and its options, resolved on creation by ``resolved_core``: with no core named,
+    the one that did best on the memory harness (``benchmarks/memory/README.md``), its options
+    overridden by these; a named core with its plugin's defaults and these."""
     steps: int = 100_000
     """Env steps in all, summed over the envs."""
     envs: int = 1
@@ -54,6 +50,7 @@ class TrainConfig:
     """Steps between two points of the learning curve."""
 
     def __post_init__(self) -> None:
+        self.learner, self.learner_kwargs = resolved_core(self.learner, self.learner_kwargs)
         for name in ("steps", "envs", "window", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
