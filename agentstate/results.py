@@ -33,6 +33,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,20 @@ class PointResult:
     def label(self) -> str:
         """``key=value`` of the settings, comma separated."""
         return ",".join(f"{key}={value}" for key, value in self.settings.items())
+
+    def short_label(self, keys: Sequence[str] | None = None) -> str:
+        """The label for a legend: ``keys`` of the settings (default: those not None).
+
+        None reads ``default``. Keyword tables' names are dropped: ``n_features=7``, not
+        ``learner_kwargs.n_features=7``.
+        """
+        if keys is None:
+            keys = [key for key, value in self.settings.items() if value is not None]
+        shown = {key: self.settings[key] for key in keys}
+        return ", ".join(
+            f"{key.rsplit('.', 1)[-1]}={'default' if value is None else value}"
+            for key, value in shown.items()
+        )
 
     @property
     def seeds(self) -> int:
@@ -293,6 +308,32 @@ def _family(point: PointResult) -> str:
     )
 
 
+RATIO_AXIS_TOP = 2.0
+"""The plot's ratio axis stops here (twice predict-zero's error) when a curve goes higher."""
+
+
+def _legend_labels(points: Sequence[PointResult], width: int = 110) -> dict[int, str]:
+    """Each point's legend entry by ``id``: ``short_label (N seeds)``, wrapped at ``width``.
+
+    Starred for a family's best step size. A setting None at every point of a learner does not
+    apply to it (``truncation`` of a columnar learner) and is left out; None where another
+    point of the learner sets it means the default and reads ``default``.
+    """
+    applicable: dict[Any, list[str]] = {}
+    for point in points:
+        keys = applicable.setdefault(point.settings.get("learner"), [])
+        keys += [k for k, v in point.settings.items() if v is not None and k not in keys]
+    labels = {}
+    for point in points:
+        keys = applicable[point.settings.get("learner")]
+        shown = [key for key in point.settings if key in keys]
+        label = f"{point.short_label(shown)} ({point.seeds} seeds)"
+        if point.best:
+            label = f"★ {label}, best step size"
+        labels[id(point)] = textwrap.fill(label, width=width, subsequent_indent="    ")
+    return labels
+
+
 def write_results_csv(points: Sequence[PointResult], path: Path, root: Path) -> None:
     """One row per grid point: settings, seeds, figures ± se, best, progress, run folders.
 
@@ -379,7 +420,11 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
     Points of one family (same settings but step sizes) share a colour; the best step size
     of each family is drawn bold with a bold legend entry, the others thin.
     """
-    figure = Figure(figsize=(9, 5.5), layout="constrained")
+    drawn = [point for point in points if point.seeds > 0]
+    labels = _legend_labels(drawn)
+    legend_lines = 2 + sum(label.count("\n") + 1 for label in labels.values())
+    # The legend sits under the axes, so that long labels never squeeze the plot.
+    figure = Figure(figsize=(9, 5.0 + 0.19 * legend_lines), layout="constrained")
     axes = figure.add_subplot()
     family_colours: dict[str, str] = {}
     best_labels = []
@@ -388,9 +433,8 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
         if point.seeds == 0:
             continue
         mean, standard_error = mean_and_standard_error(point.ratio_curves)
-        label = f"{point.label} ({point.seeds} seeds)"
+        label = labels[id(point)]
         if point.best:
-            label = f"★ {label}, best step size"
             best_labels.append(label)
         axes.plot(
             point.steps,
@@ -409,12 +453,20 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
             linewidth=0,
         )
     axes.axhline(1.0, linestyle="--", color="black", linewidth=1.0, label="predict zero")
+    highest = max((float(np.nanmax(mean_and_standard_error(p.ratio_curves)[0])) for p in drawn),
+                  default=1.0)  # fmt: skip
+    if highest > RATIO_AXIS_TOP:  # a diverging spell would flatten every other curve
+        axes.set_ylim(0.0, RATIO_AXIS_TOP)
+        axes.text(0.99, 0.98, f"axis cut at {RATIO_AXIS_TOP:g}: a curve reaches {highest:.3g}",
+                  transform=axes.transAxes, ha="right", va="top", fontsize="small")  # fmt: skip
     axes.xaxis.set_major_formatter(FuncFormatter(lambda tick, _: format_step_count(tick)))
     axes.set_xlabel("steps")
     axes.set_ylabel("MSRE ÷ the same seed's predict-zero MSRE (sliding means)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    legend = axes.legend(title="mean ± standard error over seeds", fontsize="small")
+    legend = figure.legend(
+        loc="outside lower center", title="mean ± standard error over seeds", fontsize="small"
+    )
     for text in legend.get_texts():
         if text.get_text() in best_labels:
             text.set_fontweight("bold")

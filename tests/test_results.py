@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import math
+import textwrap
 
 import numpy as np
 import pytest
@@ -276,3 +277,37 @@ def test_a_folder_without_runs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no run"):
         aggregate(tmp_path)
+
+
+def test_legend_labels_show_only_settings_that_apply_and_wrap():
+    """A grid mixing learners: a setting no point of a learner sets does not apply to it and
+    is left out; one that another point of the learner sets reads ``default`` where None.
+    Keyword tables' names are dropped, and long labels wrap, so that the legend (under the
+    axes) stays readable."""
+    from agentstate.results import PointResult, _legend_labels
+
+    def point(learner, best=False, **settings):
+        return PointResult(
+            settings={"learner": learner, **settings},
+            run_dirs=[],
+            steps=np.arange(3),
+            curves=np.zeros((3, 30)),
+            ratio_curves=np.zeros((3, 30)),
+            final_ratio=0.5, final_ratio_se=0.0, final_msre=0.01, final_msre_se=0.0,
+            auc_msre=0.01, auc_msre_se=0.0, steps_per_run=10, best=best,
+        )  # fmt: skip
+
+    kwargs = {"learner_kwargs.n_features": 7, "learner_kwargs.truncation": None}
+    columnar = point("columnar", best=True, step_size=0.001, head_step_size=None, **kwargs)
+    tbptt = point("tbptt", step_size=1e-4, head_step_size=1e-4, **kwargs)
+    tbptt_default_head = point("tbptt", step_size=1e-4, head_step_size=None, **kwargs)
+    labels = _legend_labels([columnar, tbptt, tbptt_default_head], width=60)
+    assert labels[id(columnar)] == textwrap.fill(
+        "★ learner=columnar, step_size=0.001, n_features=7 (30 seeds), best step size",
+        width=60, subsequent_indent="    ",
+    )  # fmt: skip
+    assert "\n" in labels[id(columnar)]
+    assert labels[id(tbptt_default_head)].replace("\n    ", " ") == (
+        "learner=tbptt, step_size=0.0001, head_step_size=default, n_features=7 (30 seeds)"
+    )
+    assert all(len(line) <= 60 for label in labels.values() for line in label.splitlines())
