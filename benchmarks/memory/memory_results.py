@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
@@ -220,8 +221,15 @@ def _plot(
     rows = max(1, math.ceil(len(tasks) / columns))
     figure = Figure(figsize=(4 * columns, 3 * rows + 0.6), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    colors = {variant: f"C{index % 10}" for index, variant in enumerate(variants)}
+    # 20 distinct colours, then the same with another dash: one look per method.
+    palette = matplotlib.colormaps["tab20"].colors
+    dashes = ("-", "--", ":", "-.")
+    looks = {
+        variant: (palette[index % 20], dashes[index // 20 % len(dashes)])
+        for index, variant in enumerate(variants)
+    }
     for axis, task in zip(axes, tasks, strict=False):
+        lowest = -1.0
         for variant in variants:
             seeds = curves.get((task, variant))
             if not seeds:
@@ -234,9 +242,12 @@ def _plot(
                 if len(seeds) > 1
                 else np.zeros_like(mean)
             )
-            axis.plot(steps, mean, color=colors[variant], label=variant)
-            axis.fill_between(steps, mean - se, mean + se, color=colors[variant], alpha=0.2)
-        axis.set_ylim(-1.05, 1.05)  # POPGym and the cue task: episode returns in [-1, 1]
+            color, dash = looks[variant]
+            axis.plot(steps, mean, color=color, linestyle=dash, label=variant)
+            axis.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2)
+            lowest = min(lowest, float(np.min(mean - se)))
+        # POPGym's returns lie in [-1, 1] but for Battleship's (down to -1.2 here)
+        axis.set_ylim(lowest - 0.05, 1.05)
         axis.set_title(task, fontsize=10)
         axis.set_xlabel("env steps")
         axis.set_ylabel("eval return")
