@@ -414,11 +414,18 @@ def format_table(points: Sequence[PointResult]) -> str:
 
 
 def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
+    """Write ``results_figure`` to ``path`` (PNG)."""
+    results_figure(points, title).savefig(path, dpi=150, format="png")
+    return path
+
+
+def results_figure(points: Sequence[PointResult], title: str) -> Figure:
     """Each seed's MSRE ÷ its own predict-zero MSRE, mean ± standard error over seeds.
 
     One curve per grid point with finished runs, over a dashed line at 1 (predicting zero).
     Points of one family (same settings but step sizes) share a colour; the best step size
-    of each family is drawn bold with a bold legend entry, the others thin.
+    of each family is drawn bold with a bold legend entry, the others thin. The legend sits
+    under the axes; the axis stops at ``RATIO_AXIS_TOP`` when a curve goes higher.
     """
     drawn = [point for point in points if point.seeds > 0]
     labels = _legend_labels(drawn)
@@ -470,5 +477,4 @@ def plot_results(points: Sequence[PointResult], path: Path, title: str) -> Path:
     for text in legend.get_texts():
         if text.get_text() in best_labels:
             text.set_fontweight("bold")
-    figure.savefig(path, dpi=150, format="png")
-    return path
+    return figure

@@ -311,3 +311,25 @@ def test_legend_labels_show_only_settings_that_apply_and_wrap():
         "learner=tbptt, step_size=0.0001, head_step_size=default, n_features=7 (30 seeds)"
     )
     assert all(len(line) <= 60 for label in labels.values() for line in label.splitlines())
+
+
+def test_a_spike_far_above_predict_zero_does_not_flatten_the_other_curves():
+    from agentstate.results import RATIO_AXIS_TOP, PointResult, results_figure
+
+    def point(step_size, ratios):
+        ratios = np.asarray(ratios, dtype=float)[:, None].repeat(3, axis=1)
+        return PointResult(
+            settings={"learner": "columnar", "step_size": step_size},
+            run_dirs=[], steps=np.arange(len(ratios)), curves=ratios, ratio_curves=ratios,
+            final_ratio=float(ratios[-1, 0]), final_ratio_se=0.0, final_msre=0.0,
+            final_msre_se=0.0, auc_msre=0.0, auc_msre_se=0.0, steps_per_run=10,
+        )  # fmt: skip
+
+    calm = point(0.001, [1.0, 0.6, 0.3])
+    figure = results_figure([calm, point(0.01, [1.0, 22.0, 0.9])], "spike")
+    (axes,) = figure.axes
+    assert axes.get_ylim() == (0.0, RATIO_AXIS_TOP)
+    assert any("axis cut at 2" in text.get_text() for text in axes.texts)
+    assert axes.get_legend() is None and len(figure.legends) == 1  # under the axes
+    (axes,) = results_figure([calm], "calm").axes
+    assert axes.get_ylim()[1] < RATIO_AXIS_TOP and not axes.texts
