@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.managers
 import os
 import queue
 import sys
@@ -426,7 +427,7 @@ def _describe_outcome(outcome: RunOutcome) -> str:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """A pool worker's initializer: on Linux, end this worker when the sweep process ends.
+    """A pool process's initializer: on Linux, end it when the sweep process ends.
 
     Otherwise a sweep killed by its pid (not Ctrl-C, which reaches the whole process group)
     leaves workers that finish their runs with the code they loaded and write them where a
@@ -449,7 +450,8 @@ class _LocalPool:
 
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("spawn")
-        self._manager = context.Manager()
+        self._manager = multiprocessing.managers.SyncManager(ctx=context)
+        self._manager.start(_die_with_parent, (os.getpid(),))  # the progress queue's server
         self._progress = self._manager.Queue()
         self._executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -217,7 +216,8 @@ def test_example_specs_expand():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_pool_workers_end_with_a_sweep_killed_by_its_pid(tmp_path):
-    """A worker left behind would finish its run with stale code and mark it done."""
+    """A worker left behind would finish its run with stale code and mark it done; the
+    progress queue's server would linger."""
     script = tmp_path / "parent.py"
     script.write_text(
         "import time\n"
@@ -226,18 +226,18 @@ def test_pool_workers_end_with_a_sweep_killed_by_its_pid(tmp_path):
         "    pool = _LocalPool(1)\n"
         "    pool._executor.submit(time.sleep, 120)\n"
         "    time.sleep(0.5)\n"
-        "    print(*pool._executor._processes, flush=True)\n"
+        "    print(*pool._executor._processes, pool._manager._process.pid, flush=True)\n"
         "    time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    worker = int(parent.stdout.readline().split()[0])
-    os.kill(worker, 0)  # alive while the sweep runs
+    children = [int(pid) for pid in parent.stdout.readline().split()]  # worker, manager
+    assert len(children) == 2 and all(_alive(pid) for pid in children)
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(worker):
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
         time.sleep(0.1)
-    assert not _alive(worker)
+    assert not any(_alive(pid) for pid in children)
 
 
 def _alive(pid: int) -> bool:
