@@ -198,6 +198,11 @@ struct ActorCriticEngine {
       return;
     }
     std::vector<T> score(A), log_p(A);
+    // Box actions: the clip range and the map to [-1, 1] of what the core sees (ActionBounds).
+    const auto* action_low = static_cast<const double*>(ac.action_low);
+    const auto* action_high = static_cast<const double*>(ac.action_high);
+    const auto* action_scale = static_cast<const double*>(ac.action_scale);
+    const auto* action_offset = static_cast<const double*>(ac.action_offset);
     for (index b = 0; b < B; ++b) {
       const index p = P == 1 ? 0 : b;
       const T* phi = features.data() + b * F;
@@ -236,10 +241,6 @@ struct ActorCriticEngine {
         const T* log_sigma = log_std + p * A;
         T* action = static_cast<T*>(ac.action) + b * A;
         T* e_log_std = log_std_trace + b * A;
-        const auto* action_low = static_cast<const double*>(ac.action_low);
-        const auto* action_high = static_cast<const double*>(ac.action_high);
-        const auto* action_scale = static_cast<const double*>(ac.action_scale);
-        const auto* action_offset = static_cast<const double*>(ac.action_offset);
         for (index k = 0; k < A; ++k) {
           action[k] = scores[k] + spread[b * A + k];
           // The core sees the action as the env executes it: clipped, then mapped to [-1, 1].
