@@ -295,7 +295,10 @@ class TDArgs(ctypes.Structure):
     """
 
     _fields_ = [
-        *((name, ctypes.c_int64) for name in (*_ENGINE_SIZES, "threads", "parallel_grain")),
+        *(
+            (name, ctypes.c_int64)
+            for name in (*_ENGINE_SIZES, "threads", "parallel_grain", "discount_per_cumulant")
+        ),
         *((name, ctypes.c_double) for name in ("gamma", "learner_step_size", "head_step_size")),
         *((name, ctypes.c_double) for name in _ENGINE_RATES),
         ("optimizer", OptimizerArgs),
@@ -684,7 +687,8 @@ class FusedTDStep:
         Args:
             observation: ``[B, d]`` CPU tensor, checked for shape and dtype by the caller.
             cumulant: ``[B, K]``, likewise.
-            gamma: a float or a ``[B]`` tensor.
+            gamma: a float, a ``[B]`` tensor (one per stream) or a ``[B, K]`` one (per stream
+                and cumulant).
         """
         td = self._td
         observation, cumulant = observation.contiguous(), cumulant.contiguous()
@@ -693,6 +697,7 @@ class FusedTDStep:
         if isinstance(gamma, Tensor):
             gamma = gamma.contiguous()
             td.discount = gamma.data_ptr()
+            td.discount_per_cumulant = int(gamma.dim() == 2)
             self._inputs = (observation, cumulant, gamma)
         else:
             td.discount = None

@@ -346,8 +346,10 @@ class TDPredictor:
             observation: ``[B, input_size]``, the learner's dtype.
             cumulant: ``[B, n_cumulants]``, the cumulant that arrived with ``observation``.
             discount: continuation ``gamma_t`` of the transition into ``observation``:
-                a float or ``[B]`` tensor; 0 where ``observation`` ends an episode.
-                Default ``config.gamma``.
+                a float, a ``[B]`` tensor (per stream) or a ``[B, n_cumulants]`` one (per
+                stream and cumulant: heads of different horizons; 0 makes a head's TD error
+                ``c_t+1 - y_t`` with trace ``d y_t / d theta``, a supervised loss); 0 where
+                ``observation`` ends an episode. Default ``config.gamma``.
             episode_start: ``[B]`` bool; these streams start a new episode with this
                 observation: recurrent state, credit memory and traces are reset and no
                 TD error is formed from the previous episode's last prediction.
@@ -377,10 +379,15 @@ class TDPredictor:
             gamma = torch.full(
                 (learner.streams,), gamma, dtype=learner.dtype, device=learner.device
             )
+        if gamma.dim() == 1:
+            gamma = gamma.unsqueeze(1).expand(-1, self.n_cumulants)
         return self._eager_step(observation, cumulant, gamma)
 
     def _eager_step(self, observation: Tensor, cumulant: Tensor, gamma: Tensor) -> Tensor:
-        """The step in torch ops: the reference the fused kernel is tested against."""
+        """The step in torch ops: the reference the fused kernel is tested against.
+
+        ``gamma``: ``[B, n_cumulants]``, the discount of every stream and head.
+        """
         learner = self.learner
         normalized_observation = self.input_normalizer.normalize(observation)
         self.input_normalizer.update(observation)
@@ -393,11 +400,11 @@ class TDPredictor:
         features = self._head_features(normalized_state, normalized_observation)
         prediction = self._heads(features)
 
-        td_error = cumulant + gamma.unsqueeze(1) * prediction - self.previous_prediction
+        td_error = cumulant + gamma * prediction - self.previous_prediction
         td_error = td_error * self.has_previous.unsqueeze(1)
         self._apply_update(td_error)
 
-        trace_decay = (gamma * self.config.lambda_).unsqueeze(1)
+        trace_decay = gamma * self.config.lambda_  # [B, K]
         self.head_trace.mul_(trace_decay.unsqueeze(2)).add_(features.unsqueeze(1))
         if self.config.train_learner:
             state_weight = self.head_weight[..., : learner.n_features] / feature_std.unsqueeze(1)
@@ -405,7 +412,7 @@ class TDPredictor:
                 gradient = learner.grad(state_weight[:, k].expand(learner.streams, -1))
                 for key, trace in self.learner_traces.items():
                     trace_k = trace[k]
-                    trace_k.mul_(trace_decay.view(-1, *([1] * (trace_k.dim() - 1))))
+                    trace_k.mul_(trace_decay[:, k].view(-1, *([1] * (trace_k.dim() - 1))))
                     trace_k.add_(gradient[key])
 
         self.previous_prediction.copy_(prediction)
@@ -465,11 +472,19 @@ class TDPredictor:
         return torch.cat(parts, dim=1)
 
     def _discount(self, discount: Tensor | float | None, finite: bool = True) -> Tensor | float:
-        """``discount`` checked: a ``[B]`` tensor, or a float (``config.gamma`` for None)."""
+        """``discount`` checked: a ``[B]`` or ``[B, K]`` tensor, or a float (None: gamma)."""
         if discount is None:
             return float(self.config.gamma)
         if isinstance(discount, Tensor):
-            self._check(discount, "discount", (self.learner.streams,), finite)
+            streams = self.learner.streams
+            per_cumulant = (streams, self.n_cumulants)
+            if discount.dim() not in (1, 2):
+                raise ValueError(
+                    f"discount must have shape [{streams}] (per stream) or {list(per_cumulant)} "
+                    f"(per stream and cumulant), got {list(discount.shape)}"
+                )
+            shape = per_cumulant if discount.dim() == 2 else (streams,)
+            self._check(discount, "discount", shape, finite)
             return discount
         return float(discount)
 

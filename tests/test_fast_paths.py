@@ -55,8 +55,12 @@ def make_predictor(name, backend, dtype, independent=False, n_cumulants=1, **con
     return TDPredictor(learner, n_cumulants, TDConfig(backend=backend, **settings))
 
 
-def stream_of_steps(steps, dtype, n_cumulants=1, seed=0):
-    """Sparse binary observations, cumulants, per-stream discounts with episode ends."""
+def stream_of_steps(steps, dtype, n_cumulants=1, seed=0, head_gammas=None):
+    """Sparse binary observations, cumulants, per-stream discounts with episode ends.
+
+    With ``head_gammas`` (one per cumulant) the discount is ``[B, K]``: the stream's
+    continuation (0 at an episode end) times each head's own discount.
+    """
     generator = torch.Generator().manual_seed(seed)
     for t in range(steps):
         observation = (torch.rand(STREAMS, INPUTS, generator=generator) < 0.3).to(dtype)
@@ -67,6 +71,9 @@ def stream_of_steps(steps, dtype, n_cumulants=1, seed=0):
             discount[t % STREAMS] = 0.0
         if t % 37 == 0 and t > 0:
             start = torch.arange(STREAMS) == (t - 1) % STREAMS
+        if head_gammas is not None:
+            continuation = discount / 0.9
+            discount = continuation[:, None] * torch.tensor(head_gammas, dtype=dtype)[None]
         yield observation, cumulant, discount, start
 
 
@@ -109,13 +116,15 @@ def run(predictor, steps, dtype, n_cumulants=1):
 
 def run_both(name, steps, **options):
     """Run eager and fused in float64 side by side; check every step and the final state."""
+    head_gammas = options.pop("head_gammas", None)
     predictors = {
         backend: make_predictor(name, backend, torch.float64, **options)
         for backend in ("eager", "fused")
     }
     assert predictors["eager"].backend == "eager" and predictors["fused"].backend == "fused"
     n_cumulants = options.get("n_cumulants", 1)
-    for t, (x, c, discount, start) in enumerate(stream_of_steps(steps, torch.float64, n_cumulants)):
+    steps_in = stream_of_steps(steps, torch.float64, n_cumulants, head_gammas=head_gammas)
+    for t, (x, c, discount, start) in enumerate(steps_in):
         eager = predictors["eager"].step(x, c, discount=discount, episode_start=start)
         fast = predictors["fused"].step(x, c, discount=discount, episode_start=start)
         assert_relatively_close(fast, eager, 1e-12, f"prediction at step {t}")
@@ -156,6 +165,8 @@ def test_fused_step_matches_eager(name, independent, optimizer):
         {"include_bias": False, "normalize_inputs": False, "normalize_features": False},
         {"train_learner": False},
         {"lambda_": 0.0, "normalization_decay": 0.9},
+        {"n_cumulants": 3, "head_gammas": (0.9, 0.0, 0.5)},  # a discount per head
+        {"n_cumulants": 2, "head_gammas": (0.0, 0.7), "independent": True},
     ],
 )
 def test_fused_step_matches_eager_in_every_setting(name, options):

@@ -136,6 +136,26 @@ def test_the_wrapper_gets_reconstruction_heads(tmp_path):
     venv.step(np.zeros(2, dtype=int))
 
 
+def test_reconstruction_heads_can_be_supervised_while_the_others_keep_gamma(tmp_path):
+    run = tiny_run(tmp_path)
+    agent_state = {
+        "cumulants": "reward+observation",
+        "gamma": 0.8,
+        "reconstruct_lags": [2, 4],
+        "reconstruct_gamma": 0.0,
+    }
+    method = harness.Method("PPO", agent_state=agent_state)
+    venv = harness.make_venv(dataclasses.replace(run, method=method), 2, 0)
+    assert venv.core.settings.gamma == (0.8,) * (1 + 5) + (0.0,) * (2 * 5)
+    venv.reset()
+    venv.step(np.zeros(2, dtype=int))
+    resolved = harness.resolved_agent_state(agent_state)
+    assert resolved["reconstruct_gamma"] == 0.0
+    assert "reconstruct_gamma" not in harness.resolved_agent_state({"reconstruct_lags": [2]})
+    with pytest.raises(ValueError, match="reconstruct_gamma must be a number in"):
+        harness._check_agent_state({"reconstruct_gamma": 0.0})
+
+
 def test_doctests_of_the_task_module():
     assert doctest.testmod(tasks).failed == 0
 

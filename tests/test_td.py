@@ -101,6 +101,65 @@ def test_learner_traces_accumulate_exact_gradients():
     torch.testing.assert_close(learner.params["weight"], params["weight"])  # step size 0
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_a_discount_per_head_gives_each_head_its_own_horizon(backend):
+    """Discount [B, K]: trace_k = sum_s (gamma_k lambda)^(t-s) d(w_k,s . h_s)/d theta.
+
+    A head with discount 0 keeps only this step's gradient: its TD error c_t+1 - y_t times
+    d y_t / d theta is the supervised loss on h_t, with the learner's exact gradient.
+    """
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    head_gammas, lam, steps = torch.tensor([0.9, 0.0], dtype=torch.float64), 0.8, 12
+    config = TDConfig(lambda_=lam, step_size=0.0, head_step_size=0.1, backend=backend, **PLAIN)
+    learner = make_learner()
+    params = {k: p.clone() for k, p in learner.params.items()}
+    engine = TDPredictor(learner, 2, config)
+    inputs, cumulants = random_stream(steps)
+    cumulants = torch.cat([cumulants, 1 - cumulants], dim=2)
+    discount = head_gammas.expand(STREAMS, 2)
+    expected = torch.zeros(2, STREAMS, *params["weight"].shape[1:], dtype=torch.float64)
+    head_trace = torch.zeros(STREAMS, 2, COLUMNS + 1, dtype=torch.float64)
+    for t in range(steps):
+        engine.step(inputs[t], cumulants[t], discount=discount)
+        for k in range(2):
+            head_on_state = engine.head_weight[0, k, :COLUMNS].expand(STREAMS, -1)
+            gradient = bptt_gradient(learner, params, inputs[: t + 1], head_on_state)["weight"]
+            expected[k] = head_gammas[k] * lam * expected[k] + gradient
+        features = torch.cat([engine.agent_state, torch.ones(STREAMS, 1, dtype=torch.float64)], 1)
+        head_trace = head_gammas.view(1, 2, 1) * lam * head_trace + features.unsqueeze(1)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(engine.learner_traces["weight"], expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(engine.head_trace, head_trace, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_equal_discounts_per_head_are_the_discount_per_stream(backend):
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    inputs, cumulants = random_stream(30)
+    cumulants = torch.cat([cumulants, cumulants**2], dim=2)
+    engines = [TDPredictor(make_learner(), 2, TDConfig(backend=backend)) for _ in range(2)]
+    for t in range(30):
+        per_stream = torch.tensor([0.9, 0.0 if t == 13 else 0.9], dtype=torch.float64)
+        per_head = per_stream.unsqueeze(1).expand(-1, 2)
+        expected = engines[0].step(inputs[t], cumulants[t], discount=per_stream)
+        got = engines[1].step(inputs[t], cumulants[t], discount=per_head)
+        assert torch.equal(got, expected)
+    for key, trace in engines[0].learner_traces.items():
+        assert torch.equal(engines[1].learner_traces[key], trace)
+
+
+def test_a_discount_of_the_wrong_shape_is_refused_with_both_shapes_named():
+    engine = TDPredictor(make_learner(), 2, TDConfig())
+    x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
+    c = torch.zeros(STREAMS, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"discount must have shape \[2, 2\], got \[2, 3\]"):
+        engine.step(x, c, discount=torch.zeros(STREAMS, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[2\] \(per stream\) or \[2, 2\]"):
+        engine.step(x, c, discount=torch.zeros(STREAMS, 2, 1, dtype=torch.float64))
+
+
 def test_sgd_update_moves_learner_params_by_mean_td_error_times_trace():
     config = TDConfig(step_size=0.5, head_step_size=0.0, **PLAIN)
     engine = TDPredictor(make_learner(), 1, config)

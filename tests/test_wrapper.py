@@ -326,6 +326,49 @@ def test_termination_stops_bootstrapping_truncation_bootstraps_and_reset_restart
         assert starts == [True, False, False, True]
 
 
+def test_one_discount_per_head_equal_to_one_discount_changes_nothing():
+    def make(gamma):
+        env = wrap(gym.wrappers.TimeLimit(gym.make("CartPole-v1").unwrapped, 15), gamma=gamma)
+        env.core.enable_statistics()
+        return env
+
+    heads = 1 + 4  # the reward and the four CartPole observations
+    one, per_head = make(0.9), make((0.9,) * heads)
+    assert_same_observations(rollout(one, 120)[0], rollout(per_head, 120)[0])
+    totals, totals_per_head = one.core.statistics.totals(), per_head.core.statistics.totals()
+    assert totals.scored_steps > 0
+    np.testing.assert_array_equal(totals.td_squared_error, totals_per_head.td_squared_error)
+    np.testing.assert_allclose(
+        totals.return_squared_error, totals_per_head.return_squared_error, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(("gamma", "at_first_step"), [((0.0,), 0.0), (0.9, 0.9)])
+def test_a_head_with_discount_zero_predicts_the_next_cumulant_alone(gamma, at_first_step):
+    """Reward 1 on the last of 3 steps: after step 1 the next reward is 0, the return 0.9."""
+    env = wrap(
+        EndRewardEnv(length=3), gamma=gamma, cumulants="reward", td_options={"head_step_size": 0.05}
+    )
+    env.reset(seed=0)
+    predictions = {}
+    for _ in range(900):
+        *_, terminated, _, _ = env.step(0)
+        predictions[int(env.core.episode_steps[0])] = float(env.predictions[0, 0])
+        if terminated:
+            env.reset()
+    assert predictions[1] == pytest.approx(at_first_step, abs=0.1)
+    assert predictions[2] == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_discount_per_head_must_give_one_per_head():
+    with pytest.raises(
+        ValueError, match=r"gamma gives 2 discounts, but there are 5 heads \(reward"
+    ):
+        wrap(gym.make("CartPole-v1"), gamma=(0.9, 0.0))
+    with pytest.raises(ValueError, match=r"gamma must lie in \[0, 1\]"):
+        wrap(gym.make("CartPole-v1"), gamma=(0.9, 0.0, 1.5, 0.0, 0.0))
+
+
 def test_reset_restarts_the_agent_state():
     env = wrap(gym.make("CartPole-v1"), learn=False)
     first, _ = env.reset(seed=3)

@@ -19,7 +19,7 @@
 //
 // exactly the eager order of RTRLActorCritic._agent_step, element by element (module
 // docstring there). The body sees: `delta[b]` = alpha_b delta_b of the core's ObGD step (its
-// update is `sum_b delta[b] z_b / B` with plain SGD at step size 1), `trace_decay[b]`,
+// update is `sum_b delta[b] z_b / B` with plain SGD at step size 1), `decay(b, 0)`,
 // `v(b, 0, j)`, `learner_trace(i)`, and `td` with `x` (the learner's input), `threads`,
 // `parallel_grain` and `train_learner`, which the engine clears, so that no parameter moves,
 // when the step has to be refused (status below).
@@ -53,7 +53,7 @@ struct ActorCriticEngine {
   std::vector<T> features;     // phi_t+1: [B, F]
   std::vector<T> delta;        // alpha_b delta_b of the core: [B]
   std::vector<T> td_error;     // delta_b: [B]
-  std::vector<T> trace_decay;  // [B]
+  std::vector<T> trace_decay;  // gamma lambda, 0 where done: [B]
   std::vector<T> core_v;       // w[:n] + d log pi / d h: [B, n]
   std::vector<T> critic_taken, actor_taken;  // [B]
   double value_mean;                         // mean_b v_t, for the log
@@ -272,6 +272,8 @@ struct ActorCriticEngine {
   void learner_state_weight() {}
 
   T v(index b, index, index j) const { return core_v[b * n + j]; }
+
+  T decay(index b, index) const { return trace_decay[b]; }
 
   ParameterOptimizer<T> learner_optimizer(index = 0) const {
     return ParameterOptimizer<T>(plain_sgd, 1.0, nullptr, nullptr, nullptr);

@@ -10,6 +10,10 @@
 //   of the previous step); head_trace = gamma lambda head_trace + phi;
 //   learner traces = gamma lambda traces + grad_learner(W_head[:n] / std_h),
 //
+// where gamma is per stream and cumulant (a scalar, one per stream, or one per stream and
+// head: `td.discount_per_cumulant`); a learner's body reads gamma lambda as
+// `engine.decay(b, q)` for stream b and cumulant q, never assuming the heads share it.
+//
 // returning 0. `Engine<T>` does everything but the learner's own part: normalisation, heads,
 // TD error, head update, v, and the learner's optimisers and traces (one per parameter, in
 // the order of the layout's parameters()). agentstate.fused generates `kernel_args.h` from
@@ -316,19 +320,24 @@ struct Engine {
   std::vector<T> observation;   // x^: [B, d]
   std::vector<T> features;      // phi: [B, F]
   std::vector<T> delta;         // [B, K]
-  std::vector<T> trace_decay;   // gamma lambda: [B]
+  std::vector<T> trace_decays;  // gamma lambda: [B, K]; read through decay(b, q)
   std::vector<T> feature_std;   // std_h before this step's update: [P, n]
   std::vector<T> state_weight;  // W_head[p, k, :n] / std_h: [P, K, n]
 
   explicit Engine(const TDArgs& args)
       : td(args), B(args.streams), P(args.param_streams), d(args.input_size),
         n(args.n_features), K(args.n_cumulants), F(args.n_head_features),
-        observation(B * d), features(B * F), delta(B * K), trace_decay(B), feature_std(P * n),
+        observation(B * d), features(B * F), delta(B * K), trace_decays(B * K), feature_std(P * n),
         state_weight(P * K * n) {}
 
-  T gamma(index b) const {
-    return td.discount ? static_cast<const T*>(td.discount)[b] : T(td.gamma);
+  // gamma of stream b and cumulant k: the scalar, the stream's, or the stream's and head's.
+  T gamma(index b, index k) const {
+    if (!td.discount) return T(td.gamma);
+    return static_cast<const T*>(td.discount)[td.discount_per_cumulant ? b * K + k : b];
   }
+
+  // gamma lambda of stream b and cumulant q: the decay of that head's traces.
+  T decay(index b, index q) const { return trace_decays[b * K + q]; }
 
   void normalize_observation() {
     auto* mean = static_cast<T*>(td.input_mean);
@@ -365,9 +374,9 @@ struct Engine {
     auto* cumulant = static_cast<const T*>(td.cumulant);
     for (index b = 0; b < B; ++b) {
       index p = P == 1 ? 0 : b;
-      T g = gamma(b);
-      trace_decay[b] = g * T(td.lambda_);
       for (index k = 0; k < K; ++k) {
+        const T g = gamma(b, k);
+        trace_decays[b * K + k] = g * T(td.lambda_);
         const T* w = head + (p * K + k) * F;
         const T* phi = features.data() + b * F;
         T y = 0;
@@ -399,7 +408,7 @@ struct Engine {
       for (index k = 0; k < K; ++k)
         for (index f = 0; f < F; ++f) {
           T& e = trace[(b * K + k) * F + f];
-          e = e * trace_decay[b] + features[b * F + f];
+          e = e * trace_decays[b * K + k] + features[b * F + f];
         }
   }
 
@@ -449,7 +458,9 @@ int agentstate_inputs_finite(const TDArgs& td) {
   const int64_t B = td.streams;
   return all_finite(static_cast<const T*>(td.x), B * td.input_size) &&
          all_finite(static_cast<const T*>(td.cumulant), B * td.n_cumulants) &&
-         (td.discount == nullptr || all_finite(static_cast<const T*>(td.discount), B));
+         (td.discount == nullptr ||
+          all_finite(static_cast<const T*>(td.discount),
+                     td.discount_per_cumulant ? B * td.n_cumulants : B));
 }
 
 extern "C" {

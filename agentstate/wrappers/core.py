@@ -198,6 +198,7 @@ class AgentStateCore:
             + (["previous reward"] if settings.include_prev_reward else [])
         )
         self.cumulants = Cumulants(settings.cumulants, observation_space, self.observation_encoder)
+        self._head_gammas = self._discounts_per_head(settings.gamma, self.cumulants)
         self.learner = make_learner(
             settings.learner,
             len(self.input_names),
@@ -270,6 +271,7 @@ class AgentStateCore:
         if self._divergence is not None:
             raise LearnerDivergedError(self._divergence)
         streams, gamma = self.streams, self.settings.gamma
+        per_head = self._head_gammas is not None
         episode_start = np.asarray(batch.episode_start, dtype=bool).reshape(streams)
         ended = sorted(batch.final_observations)
         fresh = episode_start.copy()
@@ -294,16 +296,23 @@ class AgentStateCore:
 
         x = self._tensor(current.learner_input)
         cumulant = self._tensor(current.cumulant)
-        discount = np.where(terminated, 0.0, gamma)
-        uniform_discount = not (terminated.any() or ended or nonfinite)
+        continuation = np.where(terminated, 0.0, 1.0)  # [B]: 0 across an episode boundary
+        if per_head:
+            gamma = self._head_gammas  # [K]
+            discount = continuation[:, None] * gamma  # [B, K]
+        else:
+            discount = continuation * gamma  # [B]
+        uniform_discount = not (per_head or terminated.any() or ended or nonfinite)
         final_states: np.ndarray | None = None
         if ended:
             final_states, final_predictions = self._peek(ended, self._tensor(final.learner_input))
             self._check(final_states, final_predictions, "terminal observation")
             truncated = np.asarray(batch.truncated, dtype=bool).reshape(streams)[ended]
-            bootstrap = self._tensor(truncated * gamma).unsqueeze(1)
-            cumulant[ended] = self._tensor(final.cumulant) + bootstrap * final_predictions
+            bootstrap = truncated[:, None] * (gamma if per_head else np.full(1, gamma))
+            bootstrapped = self._tensor(bootstrap) * final_predictions
+            cumulant[ended] = self._tensor(final.cumulant) + bootstrapped
             discount[ended] = 0.0
+            continuation[ended] = 0.0
         if nonfinite:
             # delta = c + 0 * y_t - y_t-1 = 0: the skipped step teaches nothing.
             skipped = torch.zeros(streams, dtype=torch.bool)
@@ -311,6 +320,7 @@ class AgentStateCore:
             skipped &= ~torch.from_numpy(episode_start)
             cumulant[skipped] = self.engine.previous_prediction[skipped]
             discount[list(nonfinite)] = 0.0
+            continuation[list(nonfinite)] = 0.0
         if ended:
             mask = torch.zeros(streams, dtype=torch.bool)
             mask[ended] = True
@@ -326,6 +336,7 @@ class AgentStateCore:
             self.statistics.record(
                 cumulant=cumulant.numpy(),
                 discount=discount,
+                continuation=continuation if per_head else None,
                 predictions=predictions,
                 state=state,
                 episode_start=episode_start,
@@ -504,9 +515,24 @@ class AgentStateCore:
         )
         raise LearnerDivergedError(self._divergence)
 
+    @staticmethod
+    def _discounts_per_head(
+        gamma: float | tuple[float, ...], cumulants: Cumulants
+    ) -> np.ndarray | None:
+        """``[K]`` discounts when ``gamma`` gives one per head, checked; None for one float."""
+        if isinstance(gamma, (int, float)):
+            return None
+        if len(gamma) != cumulants.size:
+            names = ", ".join(cumulants.names[:5]) + (", ..." if cumulants.size > 5 else "")
+            raise ValueError(
+                f"gamma gives {len(gamma)} discounts, but there are {cumulants.size} heads "
+                f"({names}): give one per head, or one float for all"
+            )
+        return np.array(gamma, dtype=np.float64)
+
     # ---------------------------------------------------------------- checkpoints
     def _identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "settings": self.settings.describe(),
             "observation_size": self.observation_size,
             "input_size": len(self.input_names),
@@ -514,6 +540,9 @@ class AgentStateCore:
             "cumulants": list(self.cumulants.names),
             "td_config": dataclasses.asdict(self.engine.config),
         }
+        if self._head_gammas is not None:
+            identity["discounts_per_head"] = self._head_gammas.tolist()
+        return identity
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly.

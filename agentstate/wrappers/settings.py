@@ -40,8 +40,10 @@ class AgentStateSettings:
     """The learner's input carries the previous action (one-hot if discrete)."""
     include_prev_reward: bool = True
     """The learner's input carries the previous reward."""
-    gamma: float = 0.9
-    """Discount of the predicted cumulants."""
+    gamma: float | tuple[float, ...] = 0.9
+    """Discount of the predicted cumulants: one for every head, or one per head (a sequence
+    as long as the cumulant vector). A head with discount 0 is a supervised loss on the agent
+    state: it predicts the next cumulant alone."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
     step_size: float = 0.003
@@ -74,6 +76,17 @@ class AgentStateSettings:
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
         if self.encoder is not None and not callable(self.encoder):
             raise TypeError(f"encoder must be callable, got {type(self.encoder).__name__}")
+        if not isinstance(self.gamma, (int, float)):
+            try:
+                gammas = tuple(float(value) for value in self.gamma)
+            except TypeError:
+                raise TypeError(
+                    f"gamma must be a float or a sequence of floats (one per head), got "
+                    f"{self.gamma!r}"
+                ) from None
+            object.__setattr__(self, "gamma", gammas)
+        if not all(0.0 <= value <= 1.0 for value in np.ravel(self.gamma)):
+            raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
         if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         reserved = {"streams", "independent_params", "input_size"} & set(self.learner_kwargs)
@@ -86,7 +99,9 @@ class AgentStateSettings:
     def td_config_options(self) -> dict[str, Any]:
         """Keyword arguments of the engine's ``TDConfig``."""
         return {
-            "gamma": self.gamma,
+            # With a discount per head the wrapper passes each step's [B, K] discounts; the
+            # engine's own gamma (its default when none is passed) is then never used.
+            "gamma": float(np.max(self.gamma)),
             "lambda_": self.lambda_,
             "step_size": self.step_size,
             "optimizer": "adam",

@@ -150,9 +150,9 @@ class LearnerStatistics:
         if previous_predictions is not None:
             self._previous = np.array(previous_predictions, dtype=np.float64)
             self._has_previous[:] = True
-        # Steps not yet scored: (predictions [B, K], cumulant [B, K], discount [B] that is 0
-        # where an episode is closed, closed by termination [B]).
-        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # Steps not yet scored: (predictions [B, K], cumulant [B, K], discount [B, K] that is
+        # 0 where an episode is closed, closes an episode [B], closed by termination [B]).
+        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._first_unscored = np.zeros(self.streams, dtype=np.int64)  # row of each stream
 
     def totals(self) -> StatisticsTotals:
@@ -171,6 +171,7 @@ class LearnerStatistics:
         skipped: np.ndarray,
         terminated: np.ndarray,
         seconds: float,
+        continuation: np.ndarray | None = None,
     ) -> None:
         """Add one step of every stream.
 
@@ -179,7 +180,8 @@ class LearnerStatistics:
 
         Args:
             cumulant: ``[B, K]`` cumulant ``c_t`` the heads learned from at this step.
-            discount: ``[B]`` discount ``gamma_t`` of the transition into this step.
+            discount: discount ``gamma_t`` of the transition into this step: ``[B]``, or
+                ``[B, K]`` with a discount per head (then ``continuation`` is needed).
             predictions: ``[B, K]`` predictions ``y_t`` made at this step.
             state: ``[B, n_features]`` agent state ``h_t``.
             episode_start: ``[B]`` bool, the step starts an episode (no TD error).
@@ -187,6 +189,9 @@ class LearnerStatistics:
             terminated: ``[B]`` bool, an episode terminated at this step: ``c_t`` is its
                 last cumulant and ``discount`` is 0.
             seconds: wall-clock time of the step.
+            continuation: ``[B]``, 0 where the transition into this step crosses an episode
+                boundary (terminated, truncated or reset), else 1. Default: ``discount``,
+                which must then be ``[B]``.
         """
         totals = self._totals
         totals.stream_steps += self.streams
@@ -198,13 +203,23 @@ class LearnerStatistics:
         # episode (discount 0) unscored; a termination closes it with exact returns.
         unlearned = episode_start | skipped
         counted = self._has_previous & ~unlearned
-        td_error = cumulant + discount[:, None] * predictions - self._previous
+        if continuation is None:
+            if discount.ndim != 1:
+                raise ValueError(
+                    "a discount per head ([B, K]) needs the streams' continuation ([B]): pass "
+                    "continuation="
+                )
+            continuation = discount
+        head_discount = discount[:, None] if discount.ndim == 1 else discount
+        td_error = cumulant + head_discount * predictions - self._previous
         totals.td_squared_error += counted @ np.square(td_error)
         totals.td_steps += int(np.count_nonzero(counted))
         self._previous = predictions
         self._has_previous[:] = True
-        close_discount = np.where(unlearned, 0.0, discount)
-        self._rows.append((predictions, cumulant, close_discount, terminated & ~unlearned))
+        closes = unlearned | (continuation == 0.0)
+        close_discount = np.where(closes[:, None], 0.0, head_discount)
+        close_discount = np.broadcast_to(close_discount, predictions.shape)
+        self._rows.append((predictions, cumulant, close_discount, closes, terminated & ~unlearned))
         if len(self._rows) >= 2 * MAX_PENDING_STEPS:
             self._score_closed_episodes()
 
@@ -217,13 +232,12 @@ class LearnerStatistics:
         if not self._rows:
             return
         columns = zip(*self._rows, strict=True)
-        predictions, cumulants, discounts, terminations = map(np.stack, columns)
-        n_rows, heads = len(discounts), self.n_cumulants
+        predictions, cumulants, discounts, closes, terminations = map(np.stack, columns)
+        n_rows = len(discounts)
         returns = discounted_returns_backward(
-            cumulants.reshape(n_rows, -1), np.repeat(discounts, heads, axis=1)
+            cumulants.reshape(n_rows, -1), discounts.reshape(n_rows, -1)
         ).reshape(predictions.shape)
-        rows = np.arange(n_rows)[:, None]
-        closes = discounts == 0.0  # [T, B]
+        rows = np.arange(n_rows)[:, None]  # closes: [T, B]
         close_at_or_after = np.minimum.accumulate(np.where(closes, rows, n_rows)[::-1])[::-1]
         next_close = np.vstack([close_at_or_after[1:], np.full((1, self.streams), n_rows)])
         padded = np.vstack([terminations, np.zeros((1, self.streams), dtype=bool)])

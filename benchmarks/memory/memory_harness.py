@@ -97,7 +97,10 @@ SEED_STRIDE = 1000
 evaluation of a run), so no two runs or phases share an env's random stream (SB3 alone
 seeds env ``i`` with ``s + i``, which seed ``s + 1``'s env ``i - 1`` repeats)."""
 RECONSTRUCT_KEY = "reconstruct_lags"
-"""The one ``agent_state`` key the harness reads itself (see ``ReconstructionCumulants``)."""
+"""An ``agent_state`` key the harness reads itself (see ``ReconstructionCumulants``)."""
+RECONSTRUCT_GAMMA_KEY = "reconstruct_gamma"
+"""With ``reconstruct_lags``: the discount of the reconstruction heads alone (0: a supervised
+loss on h_t), the other heads keeping ``gamma``; absent, every head has ``gamma``."""
 DONE_NAME = sweep.DONE_NAME
 FAILED_NAME = "failed.json"
 """Written by ``run_bench`` into the folder of a run that stopped with an error (the error);
@@ -140,8 +143,8 @@ class Method:
     """Stack the last k observations (gymnasium ``FrameStackObservation``, flattened)."""
     agent_state: dict[str, Any] | None = None
     """``AgentStateVecEnv`` keyword arguments ({} = its defaults); None: no agent state.
-    ``reconstruct_lags`` (a list of ints) is read by the harness: see
-    ``ReconstructionCumulants``."""
+    ``reconstruct_lags`` (a list of ints) and ``reconstruct_gamma`` (a float) are read by
+    the harness: see ``ReconstructionCumulants``."""
     algorithm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the algorithm beyond SB3's defaults (none in the suite)."""
 
@@ -177,17 +180,21 @@ def resolved_agent_state(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     options = dict(options)
     lags = options.pop(RECONSTRUCT_KEY, [])
+    reconstruct_gamma = options.pop(RECONSTRUCT_GAMMA_KEY, None)
     settings = settings_from_options(options.pop("learner", AgentStateSettings.learner), options)
     learner = make_learner(settings.learner, 1, **settings.learner_kwargs)
     wrapper_fields = ("cumulants", "include_observation", "include_prev_action")
     wrapper_fields += ("include_prev_reward", "nonfinite")
-    return {
+    resolved = {
         "learner": settings.learner,
         **{name: getattr(settings, name) for name in wrapper_fields},
         "td_config": dataclasses.asdict(TDConfig(**settings.td_config_options())),
         "learner_config": dataclasses.asdict(learner.config),
         RECONSTRUCT_KEY: list(lags),
     }
+    if reconstruct_gamma is not None:  # only where set: runs without it keep their identity
+        resolved[RECONSTRUCT_GAMMA_KEY] = float(reconstruct_gamma)
+    return resolved
 
 
 def _check_agent_state(options: Mapping[str, Any]) -> None:
@@ -198,6 +205,16 @@ def _check_agent_state(options: Mapping[str, Any]) -> None:
         isinstance(lag, int) and not isinstance(lag, bool) and lag >= 1 for lag in lags
     ):
         raise ValueError(f"{RECONSTRUCT_KEY} must be a list of integers >= 1, got {lags!r}")
+    reconstruct_gamma = options.pop(RECONSTRUCT_GAMMA_KEY, None)
+    if reconstruct_gamma is not None and (
+        not lags
+        or not isinstance(reconstruct_gamma, int | float)
+        or not 0.0 <= reconstruct_gamma <= 1.0
+    ):
+        raise ValueError(
+            f"{RECONSTRUCT_GAMMA_KEY} must be a number in [0, 1] and comes with "
+            f"{RECONSTRUCT_KEY}; got {reconstruct_gamma!r} with lags {lags!r}"
+        )
     resolved_agent_state(options)  # builds the settings, the TDConfig and the learner
 
 
@@ -303,6 +320,7 @@ def make_venv(run: BenchRun, n_envs: int, env_seed: int) -> VecEnv:
     method = run.method
     options = dict(method.agent_state or {})
     lags = tuple(options.pop(RECONSTRUCT_KEY, []))
+    reconstruct_gamma = options.pop(RECONSTRUCT_GAMMA_KEY, None)
 
     def make() -> gym.Env:
         env: gym.Env = make_task(run.task)
@@ -324,9 +342,14 @@ def make_venv(run: BenchRun, n_envs: int, env_seed: int) -> VecEnv:
         return venv
     if lags:
         observation_size = task_spaces(run.task)[0].shape[0]
-        options["cumulants"] = ReconstructionCumulants(
+        reconstruction = ReconstructionCumulants(
             options.get("cumulants", "reward"), observation_size, lags
         )
+        options["cumulants"] = reconstruction
+        if reconstruct_gamma is not None:
+            options["gamma"] = reconstruction.discounts(
+                options.get("gamma", AgentStateSettings.gamma), reconstruct_gamma
+            )
     return AgentStateVecEnv(venv, **{"seed": run.seed, **options})
 
 

@@ -193,6 +193,14 @@ class ReconstructionCumulants:
         parts.append(np.asarray(lagged, dtype=np.float64))
         return np.concatenate(parts)
 
+    def discounts(self, gamma: float, reconstruct_gamma: float) -> tuple[float, ...]:
+        """One discount per head: ``gamma`` for the base heads, ``reconstruct_gamma`` for the
+        reconstruction heads (0: each is a supervised loss on h_t).
+        """
+        base = ("reward" in self.base) + ("observation" in self.base) * self.observation_size
+        lagged = self.observation_size * len(self.lags)
+        return (float(gamma),) * base + (float(reconstruct_gamma),) * lagged
+
 
 def describe_tasks(tasks: Sequence[str]) -> str:
     """A markdown table: each task's spaces, and how DQN's Discrete actions are met."""

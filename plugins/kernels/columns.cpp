@@ -257,7 +257,7 @@ int columns_step(E& engine, const ColumnArgs& col) {
           T* __restrict u = update.data() + (P == 1 ? (j - first) * block : 0);
           if (P != 1) std::fill_n(u, block, T(0));
           for (index q = 0; q < K; ++q) {
-            const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+            const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
             const T v = engine.v(b, q, active * L + j);
             T* __restrict e = trace + q * B * L * block + offset;
             for (index i = 0; i < block; ++i) {

@@ -131,9 +131,8 @@ int elstm_step(E& engine, const ElementwiseArgs& cells) {
         [&](index b, index first, index last, T* update, T* scratch) {
           const index count = last - first, entries = count * output_width;
           const T* __restrict z = output_input.data() + b * output_width;
-          const T decay = engine.trace_decay[b];
           for (index q = 0; q < K; ++q) {
-            const T error = engine.delta[b * K + q];
+            const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
             const T* __restrict e_rows = output_v.data() + (b * K + q) * N + first;
             T* __restrict e = output_trace + ((q * B + b) * N + first) * output_width;
             T* __restrict u = update;
@@ -202,7 +201,6 @@ int elstm_step(E& engine, const ElementwiseArgs& cells) {
       [&](index b, index first, index last, T* update, T* scratch) {
         const index count = last - first;
         const T* __restrict x_b = x + b * D;
-        const T decay = engine.trace_decay[b];
         // (v_q . dh_t/dc_t) S, laid out as the update: [rows, D], [rows], [rows].
         T* __restrict weighted_input = scratch;
         T* __restrict weighted_cell = scratch + count * D;
@@ -227,7 +225,7 @@ int elstm_step(E& engine, const ElementwiseArgs& cells) {
             weighted_bias[r] = g_r * s[D + 1];
           }
           if (!train) return;
-          const T error = engine.delta[b * K + q];
+          const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
           const index row = (q * B + b) * rows + first;
           T* __restrict e = input_trace + row * D;
           T* __restrict u = update;

@@ -124,9 +124,8 @@ int rtu_step(E& engine, const RTUArgs& cells) {
       }
       const T* c = c_carry + b * 2 * N;
       for (index j = 0; j < 2 * N; ++j) slopes[j] = slope(activation, c[j]);
-      const T decay = engine.trace_decay[b];
       for (index q = 0; q < K; ++q) {
-        const T error = engine.delta[b * K + q];
+        const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
         T* e_nu = nu_trace + (q * B + b) * N;
         T* e_theta = theta_trace + (q * B + b) * N;
         T* e_weight = weight_trace + (q * B + b) * weights;

@@ -120,9 +120,8 @@ int td_snap1(const TDArgs& td, const SnapArgs& snap) {
         const index entries = (last - first) * m;
         const T* __restrict sh = sensitivity_h + (b * rows + first) * m;
         T* __restrict weighted = scratch;  // v_i S^h: [rows, m]
-        const T decay = engine.trace_decay[b];
         for (index q = 0; q < K; ++q) {
-          const T error = engine.delta[b * K + q];
+          const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
           for (index r = first; r < last; ++r) {
             const T v = engine.v(b, q, r % n);
             const index at = (r - first) * m;

@@ -148,7 +148,7 @@ int td_uoro(const TDArgs& td, const TangentArgs& uoro) {
         const index count = (last - first) * m;
         const T* __restrict w = parameter_tangent + (b * rows + first) * m;
         for (index q = 0; q < K; ++q) {
-          const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+          const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
           const T g = projection[b * K + q];
           T* __restrict e = trace + ((q * B + b) * rows + first) * m;
           for (index i = 0; i < count; ++i) {

@@ -234,8 +234,7 @@ int td_window(const TDArgs& td, const WindowArgs& win) {
                           std::vector<const T*>& inputs, std::vector<T>& gradient) {
     const index ages = steps_in_window[b];  // a reset or a young stream ends the window early
     for (index age = 0; age < ages; ++age) inputs[age] = cell_input + (age * B + b) * m;
-    const T decay = engine.trace_decay[b];
-    add_window_gradient(trace + (q * B + b) * block, decay, adjoints, stride, lane, inputs.data(),
+    add_window_gradient(trace + (q * B + b) * block, engine.decay(b, q), adjoints, stride, lane, inputs.data(),
                         ages, rows, m, gradient.data());
   };
   auto backward_streams = [&](index first_stream, index last_stream) {

@@ -43,8 +43,11 @@ def make_predictor(backend, dtype, independent=False, activation="relu", n_cumul
     return TDPredictor(learner, n_cumulants, TDConfig(backend=backend, **settings))
 
 
-def stream_of_steps(steps, n_cumulants=1, seed=0):
-    """Sparse binary observations, cumulants, per-stream discounts with episode ends (float64)."""
+def stream_of_steps(steps, n_cumulants=1, seed=0, head_gammas=None):
+    """Sparse binary observations, cumulants, per-stream discounts with episode ends (float64).
+
+    With ``head_gammas`` the discount is ``[B, K]``: continuation times each head's discount.
+    """
     generator = torch.Generator().manual_seed(seed)
     for t in range(steps):
         observation = (torch.rand(STREAMS, INPUTS, generator=generator) < 0.3).double()
@@ -55,6 +58,9 @@ def stream_of_steps(steps, n_cumulants=1, seed=0):
             discount[t % STREAMS] = 0.0
         if t % 37 == 0 and t > 0:
             start = torch.arange(STREAMS) == (t - 1) % STREAMS
+        if head_gammas is not None:
+            continuation = discount / 0.9
+            discount = continuation[:, None] * torch.tensor(head_gammas, dtype=torch.float64)
         yield observation, cumulant, discount, start
 
 
@@ -87,6 +93,7 @@ def run_both(steps, **options):
     Independent parameters trained by SGD or RMSProp resync: before each step the fused
     engine loads the eager one's state (see the module docstring).
     """
+    head_gammas = options.pop("head_gammas", None)
     optimizer = options.get("optimizer", TDConfig().optimizer)
     resync = options.get("independent", False) and optimizer != "adam"
     predictors = {
@@ -95,7 +102,9 @@ def run_both(steps, **options):
     eager, fast = predictors["eager"], predictors["fused"]
     assert eager.backend == "eager" and fast.backend == "fused"
     n_cumulants = options.get("n_cumulants", 1)
-    for t, (x, c, discount, start) in enumerate(stream_of_steps(steps, n_cumulants)):
+    for t, (x, c, discount, start) in enumerate(
+        stream_of_steps(steps, n_cumulants, 0, head_gammas)
+    ):
         if resync:
             fast.load_state_dict(eager.state_dict())
         expected = eager.step(x, c, discount=discount, episode_start=start)
@@ -127,6 +136,7 @@ def test_fused_step_matches_eager(activation, independent, optimizer):
         {"include_bias": False, "normalize_inputs": False, "normalize_features": False},
         {"train_learner": False},
         {"lambda_": 0.0, "normalization_decay": 0.9},
+        {"n_cumulants": 3, "head_gammas": (0.9, 0.0, 0.5)},  # a discount per head
     ],
 )
 def test_fused_step_matches_eager_in_every_setting(options):

@@ -53,7 +53,7 @@ int leaky_echo_step(E& engine, const LeakyEchoArgs& args) {
     for (index b = 0; b < B; ++b) {
       if (P != 1) std::fill(update.begin(), update.end(), T(0));
       for (index q = 0; q < K; ++q) {
-        const T error = engine.delta[b * K + q], decay = engine.trace_decay[b];
+        const T error = engine.delta[b * K + q], decay = engine.decay(b, q);
         T* e = trace + (q * B + b) * block;
         const T* s = sensitivity + b * block;
         for (index j = 0; j < n; ++j) {
