@@ -369,6 +369,91 @@ def test_a_discount_per_head_must_give_one_per_head():
         wrap(gym.make("CartPole-v1"), gamma=(0.9, 0.0, 1.5, 0.0, 0.0))
 
 
+class RandomBits(gym.Env):
+    """A fair coin each step (observation 0 or 1), reward 0, truncated after 50 steps."""
+
+    observation_space = spaces.Discrete(2)
+    action_space = spaces.Discrete(1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return int(self.np_random.integers(2)), {}
+
+    def step(self, action):
+        self.t += 1
+        return int(self.np_random.integers(2)), 0.0, False, self.t >= 50, {}
+
+
+def test_reconstruction_heads_get_the_observations_before_the_current_one_with_discount_0():
+    env = wrap(EndRewardEnv(length=3), cumulants="reward", gamma=0.5, reconstruct_past=2)
+    assert env.cumulant_names == ["reward"] + [
+        f"observation=={k} {back} back" for back in (1, 2) for k in range(4)
+    ]
+    assert env.cumulant_groups["reconstruction"] == slice(1, 9)
+    calls = record_engine_steps(env)
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(0)  # observations 1, 2, 3; the episode terminates at 3
+    env.reset()
+    env.step(0)
+    one_hot = np.eye(4)
+    zero = np.zeros(4)
+    expected_back = [  # (1 back, 2 back) of the observation before each engine step's
+        (zero, zero),  # reset: o_0 arrives (the cumulant of a reset step is zeroed)
+        (zero, zero),  # o_1 arrives: the heads at o_0 had nothing before it
+        (one_hot[0], zero),  # o_2: h_1 reconstructs o_0
+        (one_hot[1], one_hot[0]),  # o_3 (terminal)
+        (zero, zero),  # reset
+        (zero, zero),  # o_1 of the new episode: the old one is forgotten
+    ]
+    for (_, cumulant, _, _), (one_back, two_back) in zip(calls, expected_back, strict=True):
+        np.testing.assert_array_equal(cumulant[0, 1:].numpy(), np.concatenate([one_back, two_back]))
+    discounts = [call[2][0].tolist() for call in calls]
+    assert discounts[2] == [0.5] + [0.0] * 8
+    assert discounts[3] == [0.0] * 9  # terminated
+
+
+def test_an_elstm_state_learns_to_reconstruct_the_previous_coin_flip():
+    env = wrap(
+        RandomBits(),
+        learner="elstm",
+        cumulants="reward",
+        reconstruct_past=1,
+        step_size=0.01,
+        n_features=8,
+    )
+    observation, _ = env.reset(seed=0)
+    errors = []
+    for step in range(6000):
+        previous = observation[:2]
+        observation, _, _, truncated, _ = env.step(0)
+        if step > 5000 and env.core.episode_steps[0] >= 1:
+            errors.append(np.mean((env.predictions[0, 1:3] - previous) ** 2))
+        if truncated:
+            observation, _ = env.reset()
+    assert np.mean(errors) < 0.02  # chance: 0.25
+
+
+def test_the_reconstruction_history_is_saved_with_the_state():
+    first, second = (
+        wrap(RandomBits(), learner="elstm", cumulants="reward", reconstruct_past=3, seed=seed)
+        for seed in (0, 1)
+    )
+    for env in (first, second):
+        env.reset(seed=4)
+        for _ in range(10):
+            env.step(0)
+    second.load_state_dict(first.state_dict())
+    for _ in range(10):
+        assert_same_observations(first.step(0)[0], second.step(0)[0])
+
+
+def test_reconstruct_past_must_be_a_count_of_steps():
+    with pytest.raises(ValueError, match="reconstruct_past must be an int >= 0"):
+        wrap(gym.make("CartPole-v1"), reconstruct_past=-1)
+
+
 def test_reset_restarts_the_agent_state():
     env = wrap(gym.make("CartPole-v1"), learn=False)
     first, _ = env.reset(seed=3)

@@ -62,8 +62,9 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
         include_observation: bool = AgentStateSettings.include_observation,
         include_prev_action: bool = AgentStateSettings.include_prev_action,
         include_prev_reward: bool = AgentStateSettings.include_prev_reward,
-        gamma: float = AgentStateSettings.gamma,
+        gamma: float | tuple[float, ...] = AgentStateSettings.gamma,
         lambda_: float = AgentStateSettings.lambda_,
+        reconstruct_past: int = AgentStateSettings.reconstruct_past,
         step_size: float = AgentStateSettings.step_size,
         learn: bool = True,
         seed: int | None = None,
@@ -84,8 +85,10 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             include_observation: return ``[enc(o_t), h_t]``; False returns ``h_t`` alone.
             include_prev_action: the learner's input carries the previous action.
             include_prev_reward: the learner's input carries the previous reward.
-            gamma: discount of the predicted cumulants.
+            gamma: discount of the predicted cumulants: one float, or one per head.
             lambda_: TD(lambda) trace decay.
+            reconstruct_past: add supervised heads (discount 0) that reconstruct the encoded
+                observations of this many steps before the current one; 0: none.
             step_size: step size of the learner's parameters.
             learn: train online (False: frozen, for evaluation).
             seed: seed of the learner's initial parameters (None: nondeterministic).
@@ -103,6 +106,7 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             include_prev_reward=include_prev_reward,
             gamma=gamma,
             lambda_=lambda_,
+            reconstruct_past=reconstruct_past,
             step_size=step_size,
             learn=learn,
             seed=seed,

@@ -44,6 +44,7 @@ from agentstate.registry import make_learner
 from agentstate.td import TDConfig, TDPredictor
 from agentstate.wrappers.cumulants import Cumulants
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
+from agentstate.wrappers.reconstruction import PastObservations
 from agentstate.wrappers.settings import AgentStateSettings
 from agentstate.wrappers.statistics import LearnerStatistics
 
@@ -197,8 +198,18 @@ class AgentStateCore:
             + (self.action_encoder.component_names if self.action_encoder else [])
             + (["previous reward"] if settings.include_prev_reward else [])
         )
-        self.cumulants = Cumulants(settings.cumulants, observation_space, self.observation_encoder)
+        self.cumulants = Cumulants(
+            settings.cumulants,
+            observation_space,
+            self.observation_encoder,
+            settings.reconstruct_past,
+        )
         self._head_gammas = self._discounts_per_head(settings.gamma, self.cumulants)
+        self._past = (
+            PastObservations(streams, settings.reconstruct_past, self.observation_encoder.size)
+            if settings.reconstruct_past
+            else None
+        )
         self.learner = make_learner(
             settings.learner,
             len(self.input_names),
@@ -278,7 +289,9 @@ class AgentStateCore:
         fresh[ended] = True
         rewards = np.asarray(batch.rewards, dtype=np.float64).reshape(streams)
         previous_action = self._encode_actions(batch.actions)
-        current = self._rows(batch.observations, previous_action, rewards, fresh, batch.infos)
+        current = self._rows(
+            batch.observations, previous_action, rewards, fresh, batch.infos, slice(None)
+        )
         current.cumulant[fresh] = 0.0
         final = (
             _Rows.empty(self)
@@ -344,6 +357,8 @@ class AgentStateCore:
                 terminated=np.asarray(batch.terminated, dtype=bool).reshape(streams),
                 seconds=time.perf_counter() - started,
             )
+        if self._past is not None:
+            self._past.push(current.encoded, fresh)
         self.total_steps += 1
         self.episode_steps = np.where(fresh, 0, self.episode_steps + 1)
 
@@ -363,13 +378,15 @@ class AgentStateCore:
         rewards: np.ndarray,
         fresh: np.ndarray,
         infos: Sequence[Mapping[str, Any]] | None,
+        streams: slice | list[int],
     ) -> _Rows:
-        """Encoded observations, learner inputs and cumulants of a batch."""
+        """Encoded observations, learner inputs and cumulants of a batch of ``streams``."""
         encoded = self.observation_encoder.encode(observations, len(rewards))
+        cumulant = self.cumulants(observations, encoded, rewards, infos)
+        if self._past is not None:
+            cumulant = np.concatenate([cumulant, self._past.targets(streams)], axis=1)
         return _Rows(
-            encoded,
-            self._learner_input(encoded, previous_action, rewards, fresh),
-            self.cumulants(observations, encoded, rewards, infos),
+            encoded, self._learner_input(encoded, previous_action, rewards, fresh), cumulant
         )
 
     def _final_rows(
@@ -387,6 +404,7 @@ class AgentStateCore:
                 rewards[stream : stream + 1],
                 np.zeros(1, dtype=bool),
                 [batch.final_infos.get(stream, {})],
+                [stream],
             )
             for stream in ended
         ]
@@ -519,16 +537,23 @@ class AgentStateCore:
     def _discounts_per_head(
         gamma: float | tuple[float, ...], cumulants: Cumulants
     ) -> np.ndarray | None:
-        """``[K]`` discounts when ``gamma`` gives one per head, checked; None for one float."""
+        """``[K]`` discounts where they differ between heads, checked; None for one float.
+
+        ``gamma`` covers the heads of the cumulants; reconstruction heads have discount 0.
+        """
+        reconstruction = cumulants.size - cumulants.base_size
         if isinstance(gamma, (int, float)):
-            return None
-        if len(gamma) != cumulants.size:
-            names = ", ".join(cumulants.names[:5]) + (", ..." if cumulants.size > 5 else "")
+            if not reconstruction:
+                return None
+            gamma = (float(gamma),) * cumulants.base_size
+        if len(gamma) != cumulants.base_size:
+            names = cumulants.names[: cumulants.base_size]
+            listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             raise ValueError(
-                f"gamma gives {len(gamma)} discounts, but there are {cumulants.size} heads "
-                f"({names}): give one per head, or one float for all"
+                f"gamma gives {len(gamma)} discounts, but there are {len(names)} heads "
+                f"({listed}): give one per head, or one float for all"
             )
-        return np.array(gamma, dtype=np.float64)
+        return np.array([*gamma, *(0.0,) * reconstruction], dtype=np.float64)
 
     # ---------------------------------------------------------------- checkpoints
     def _identity(self) -> dict[str, Any]:
@@ -550,7 +575,7 @@ class AgentStateCore:
         The engine (learner, heads, normalisers, traces, optimiser), step counters, and
         what the state was built for (checked by ``load_state_dict``).
         """
-        return {
+        saved = {
             "format": STATE_FORMAT,
             **self._identity(),
             "streams": self.streams,
@@ -560,6 +585,9 @@ class AgentStateCore:
             "state": torch.from_numpy(self.state.copy()),
             "predictions": torch.from_numpy(self.predictions.copy()),
         }
+        if self._past is not None:
+            saved["past_observations"] = torch.from_numpy(self._past.buffer.copy())
+        return saved
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         """Restore ``state_dict``; a state built for another env or learner is refused.
@@ -591,7 +619,11 @@ class AgentStateCore:
             self.episode_steps = np.asarray(saved["episode_steps"], dtype=np.int64)
             self.state = saved["state"].numpy().copy()
             self.predictions = saved["predictions"].numpy().copy()
+            if self._past is not None:
+                self._past.buffer[:] = saved["past_observations"].numpy()
         else:
+            if self._past is not None:
+                self._past.clear()
             self.engine.load_state_dict(_shared_engine_state(saved["engine"], self.engine))
             self.total_steps = int(saved["total_steps"])
             self.episode_steps[:] = 0

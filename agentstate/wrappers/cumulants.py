@@ -16,6 +16,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import iterate
 
 from agentstate.observation import SpaceEncoder
+from agentstate.wrappers.reconstruction import reconstruction_names
 from agentstate.wrappers.settings import CumulantFunction
 
 
@@ -28,7 +29,9 @@ class Cumulants:
         needs_info: whether the cumulants read each stream's ``info`` dict.
         groups: group name -> the columns of its cumulants: ``"reward"`` and
             ``"observation"`` (all encoded components together), or ``"cumulant"`` (every
-            entry of a callable's array).
+            entry of a callable's array); and ``"reconstruction"`` (the encoded observations
+            of the last ``reconstruct_past`` steps, appended by the wrapper's core).
+        base_size: the cumulants this object computes, before the reconstruction targets.
 
     Example:
         >>> import numpy as np
@@ -49,6 +52,7 @@ class Cumulants:
         kind: str | CumulantFunction,
         observation_space: spaces.Space,
         observation_encoder: SpaceEncoder,
+        reconstruct_past: int = 0,
     ) -> None:
         self.kind = kind
         self.observation_space = observation_space
@@ -68,6 +72,11 @@ class Cumulants:
                 self.groups["reward"] = slice(0, 1)
             if observation:
                 self.groups["observation"] = slice(len(reward), len(self.names))
+        self.base_size = len(self.names)
+        if reconstruct_past:
+            components = observation_encoder.component_names
+            self.names += reconstruction_names(components, reconstruct_past)
+            self.groups["reconstruction"] = slice(self.base_size, len(self.names))
         self.needs_info = callable(kind)
 
     @property
@@ -86,7 +95,7 @@ class Cumulants:
         rewards: np.ndarray,
         infos: Sequence[Mapping[str, Any]] | None,
     ) -> np.ndarray:
-        """The cumulants that arrive with ``observations``.
+        """The cumulants that arrive with ``observations`` (the first ``base_size``).
 
         Args:
             observations: the raw batch (used by a callable).
@@ -95,7 +104,7 @@ class Cumulants:
             infos: one info dict per stream (only read by a callable).
 
         Returns:
-            ``[streams, n_cumulants]`` float64.
+            ``[streams, base_size]`` float64.
         """
         if callable(self.kind):
             infos = infos if infos is not None else [{}] * len(rewards)
@@ -106,10 +115,10 @@ class Cumulants:
                 )
             ]
             sizes = {row.size for row in rows}
-            if sizes != {self.size}:
+            if sizes != {self.base_size}:
                 raise ValueError(
                     f"the cumulant callable returned {sorted(sizes)} values; it returned "
-                    f"{self.size} on its first call and must keep that size"
+                    f"{self.base_size} on its first call and must keep that size"
                 )
             return np.stack(rows)
         parts = []

@@ -46,6 +46,10 @@ class AgentStateSettings:
     state: it predicts the next cumulant alone."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
+    reconstruct_past: int = 0
+    """Add heads, each a supervised loss on the agent state (discount 0), that reconstruct
+    the encoded observations of the last ``reconstruct_past`` steps before the current one
+    (``agentstate.wrappers.reconstruction``); 0: none. ``gamma`` then covers the other heads."""
     step_size: float = 0.003
     """Step size of the learner's parameters (the heads use ``td_options`` or the engine's
     default, ``step_size / number of head features``)."""
@@ -87,6 +91,15 @@ class AgentStateSettings:
             object.__setattr__(self, "gamma", gammas)
         if not all(0.0 <= value <= 1.0 for value in np.ravel(self.gamma)):
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
+        if (
+            not isinstance(self.reconstruct_past, (int, np.integer))
+            or isinstance(self.reconstruct_past, bool)
+            or self.reconstruct_past < 0
+        ):
+            raise ValueError(
+                f"reconstruct_past must be an int >= 0 (steps of the past the state is trained "
+                f"to reconstruct), got {self.reconstruct_past!r}"
+            )
         if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         reserved = {"streams", "independent_params", "input_size"} & set(self.learner_kwargs)

@@ -192,8 +192,13 @@ def resolved_agent_state(options: Mapping[str, Any]) -> dict[str, Any]:
         "learner_config": dataclasses.asdict(learner.config),
         RECONSTRUCT_KEY: list(lags),
     }
-    if reconstruct_gamma is not None:  # only where set: runs without it keep their identity
+    # Settings added later are recorded only where set, so earlier runs keep their identity.
+    if reconstruct_gamma is not None:
         resolved[RECONSTRUCT_GAMMA_KEY] = float(reconstruct_gamma)
+    if settings.reconstruct_past:
+        resolved["reconstruct_past"] = settings.reconstruct_past
+    if not isinstance(settings.gamma, float | int):
+        resolved["gamma_per_head"] = list(settings.gamma)
     return resolved
 
 

@@ -1,0 +1,70 @@
+"""Reconstruction heads: targets that make the agent state keep the recent past.
+
+A state trained only to predict future cumulants keeps what predicts them; a cue that
+predicts nothing that follows (which card came up four steps ago) is let go. Reconstruction
+heads ask for it directly: with ``reconstruct_past = N``, the cumulant that arrives with
+``o_t+1`` also holds ``[o_t-1, ..., o_t-N]``, the encoded observations of the N steps before
+``o_t`` (zeros before the episode began). The heads have discount 0, so each is a supervised
+loss ``(y_t - o_t-k)^2 / 2`` on ``h_t``, which has seen ``o_t`` and everything before it; its
+learner gradient is the learner's exact RTRL gradient, as for every head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def reconstruction_names(component_names: Sequence[str], steps: int) -> list[str]:
+    """Head names, ``<component> <k> back`` for k = 1..steps, in the order of the targets.
+
+    Example:
+        >>> reconstruction_names(["x", "y"], 2)
+        ['x 1 back', 'y 1 back', 'x 2 back', 'y 2 back']
+    """
+    return [f"{name} {k} back" for k in range(1, steps + 1) for name in component_names]
+
+
+class PastObservations:
+    """The encoded observations of each stream's last ``steps + 1`` steps.
+
+    Example:
+        >>> past = PastObservations(streams=1, steps=2, observation_size=1)
+        >>> for t, fresh in enumerate([True, False, False, False]):
+        ...     arriving = past.targets()  # what reaches the heads with o_t
+        ...     past.push(np.array([[float(t)]]), np.array([fresh]))
+        >>> arriving.tolist()  # with o_3: o_1 (1 before o_2) and o_0 (2 before)
+        [[1.0, 0.0]]
+
+    Args:
+        streams: B.
+        steps: N, how many observations before the current one the heads reconstruct.
+        observation_size: D, the length of the encoded observation.
+    """
+
+    def __init__(self, streams: int, steps: int, observation_size: int) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        self.steps = steps
+        self.buffer = np.zeros((streams, steps + 1, observation_size))  # [:, j]: o_t-j
+
+    @property
+    def size(self) -> int:
+        """Targets per stream: N * D."""
+        return self.steps * self.buffer.shape[2]
+
+    def targets(self, streams: slice | Sequence[int] = slice(None)) -> np.ndarray:
+        """``[R, N * D]``: ``[o_t-1, ..., o_t-N]`` of the chosen streams, o_t the latest pushed."""
+        rows = self.buffer[streams, 1:]
+        return rows.reshape(rows.shape[0], -1).copy()
+
+    def push(self, encoded: np.ndarray, fresh: np.ndarray) -> None:
+        """Add this step's ``[B, D]`` observations; ``fresh`` streams start an empty history."""
+        self.buffer[:, 1:] = self.buffer[:, :-1].copy()
+        self.buffer[fresh] = 0.0
+        self.buffer[:, 0] = encoded
+
+    def clear(self) -> None:
+        """Every stream starts an empty history."""
+        self.buffer[:] = 0.0
