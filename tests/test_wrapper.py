@@ -360,6 +360,18 @@ def test_a_head_with_discount_zero_predicts_the_next_cumulant_alone(gamma, at_fi
     assert predictions[2] == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.parametrize("gamma", [0.9, 0.0, (0.0,)])
+def test_every_step_of_a_terminated_episode_is_scored_whatever_the_discount(gamma):
+    env = wrap(EndRewardEnv(length=3), gamma=gamma, cumulants="reward")
+    env.core.enable_statistics()
+    env.reset(seed=0)
+    for _ in range(5):  # episodes of 3 steps: predictions at o_0, o_1, o_2 have known returns
+        for _ in range(3):
+            env.step(0)
+        env.reset()
+    assert env.core.statistics.totals().scored_steps == 3 * 5
+
+
 def test_a_discount_per_head_must_give_one_per_head():
     with pytest.raises(
         ValueError, match=r"gamma gives 2 discounts, but there are 5 heads \(reward"

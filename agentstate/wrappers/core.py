@@ -349,7 +349,7 @@ class AgentStateCore:
             self.statistics.record(
                 cumulant=cumulant.numpy(),
                 discount=discount,
-                continuation=continuation if per_head else None,
+                continuation=continuation,
                 predictions=predictions,
                 state=state,
                 episode_start=episode_start,
