@@ -122,6 +122,31 @@ def test_terminal_observation_is_augmented_and_matches_the_single_env_wrapper(ve
         assert_same_observations(final, expected_final)
 
 
+def test_reconstruction_targets_of_a_terminal_step_come_from_its_episode():
+    """SB3's auto-reset: the terminal transition's targets are its episode's earlier inputs."""
+    venv = vec_env(2, cumulants="reward", reconstruct_past=2)
+    engine, cumulants = venv.core.engine, []
+    step = engine.step
+
+    def recording_step(observation, cumulant, **options):
+        cumulants.append(cumulant.numpy().copy())
+        return step(observation, cumulant, **options)
+
+    engine.step = recording_step
+    first = venv.reset()
+    seen = [[first[env, :4]] for env in range(2)]  # each env's encoded CartPole observations
+    checked_ends = 0
+    for actions in ACTIONS[:200]:
+        observation, _, done, infos = venv.step(actions)
+        for env in range(2):
+            if len(seen[env]) >= 3:  # o_t-1 and o_t-2 arrive with o_t+1 (o_t = seen[-1])
+                expected = np.concatenate([seen[env][-2], seen[env][-3]])
+                np.testing.assert_allclose(cumulants[-1][env, 1:], expected, rtol=1e-6)
+                checked_ends += bool(done[env])
+            seen[env] = [observation[env, :4]] if done[env] else [*seen[env], observation[env, :4]]
+    assert checked_ends >= 3
+
+
 @pytest.mark.parametrize("truncate", [False, True])
 def test_auto_reset_learns_terminal_rewards_and_bootstraps_truncations(truncate):
     """Reward 1 every step, episodes of 3 steps, gamma 0.5.
@@ -176,12 +201,13 @@ def test_nonfinite_observation_in_a_vec_env_names_the_env_or_is_skipped():
 
 
 # ------------------------------------------------------------------ save and load
-def test_save_load_round_trip_gives_identical_observations(tmp_path):
-    trained = vec_env(2, cumulants="reward+observation")
+@pytest.mark.parametrize("reconstruct_past", [0, 3])
+def test_save_load_round_trip_gives_identical_observations(tmp_path, reconstruct_past):
+    trained = vec_env(2, cumulants="reward+observation", reconstruct_past=reconstruct_past)
     run(trained, 100)
     path = save_agent_state(trained, tmp_path / "ppo.agentstate.pt")
     assert os.listdir(tmp_path) == ["ppo.agentstate.pt"]  # no temporary file left behind
-    reloaded = vec_env(2, cumulants="reward+observation", seed=9)
+    reloaded = vec_env(2, cumulants="reward+observation", seed=9, reconstruct_past=reconstruct_past)
     load_agent_state(reloaded, path)
     assert_same_observations(run(trained, 100)[0], run(reloaded, 100)[0])
 
