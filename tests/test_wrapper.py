@@ -466,6 +466,59 @@ def test_reconstruct_past_must_be_a_count_of_steps():
         wrap(gym.make("CartPole-v1"), reconstruct_past=-1)
 
 
+class RandomCards(gym.Env):
+    """A card drawn uniformly from four each step, reward 0, truncated after 50 steps."""
+
+    observation_space = spaces.Discrete(4)
+    action_space = spaces.Discrete(1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return int(self.np_random.integers(4)), {}
+
+    def step(self, action):
+        self.t += 1
+        return int(self.np_random.integers(4)), 0.0, False, self.t >= 50, {}
+
+
+@pytest.mark.parametrize("center_cumulants", [False, True])
+def test_centred_cumulants_keep_the_state_off_saturation(center_cumulants):
+    """Unpredictable cards: the returns' mean (0.25 / (1 - gamma) each) is all there is to
+    learn; uncentred, the learner supplies it by saturating every feature, for good."""
+    env = wrap(RandomCards(), center_cumulants=center_cumulants, n_features=7)
+    env.reset(seed=0)
+    states = []
+    for _ in range(3000):
+        observation, _, _, truncated, _ = env.step(0)
+        states.append(observation[4:])
+        if truncated:
+            env.reset()
+    saturation = np.abs(np.array(states[-500:])).mean()
+    if center_cumulants:
+        assert saturation < 0.5
+    else:
+        assert saturation > 0.99
+
+
+def test_centred_cumulants_are_the_raw_ones_less_their_running_mean():
+    env = wrap(RandomCards(), cumulants="observation", center_cumulants=True, reconstruct_past=1)
+    calls = record_engine_steps(env)
+    first, _ = env.reset(seed=0)
+    seen, means = [first[:4]], []  # seen[s] = o_s
+    for _ in range(20):
+        means.append(env.core._centre.mean.copy())
+        observation, *_ = env.step(0)
+        seen.append(observation[:4])
+    before = [np.zeros(4)] + seen[:-2]  # the observation before o_s-1, for s = 1..20
+    rows = np.concatenate([seen[1:], before], axis=1)  # what arrived with o_1 .. o_20
+    for s in range(1, 21):
+        np.testing.assert_allclose(
+            calls[s][1][0].numpy(), rows[s - 1] - means[s - 1], rtol=1e-6, atol=1e-7
+        )
+    np.testing.assert_allclose(env.core._centre.mean, rows.mean(axis=0), rtol=1e-12)
+
+
 def test_reset_restarts_the_agent_state():
     env = wrap(gym.make("CartPole-v1"), learn=False)
     first, _ = env.reset(seed=3)
@@ -646,10 +699,11 @@ def test_freeze_stops_learning_and_unfreeze_resumes():
     )
 
 
-def test_state_dict_round_trip_gives_identical_observations():
-    trained = wrap(gym.make("CartPole-v1"), cumulants="reward+observation")
+@pytest.mark.parametrize("options", [{}, {"center_cumulants": True, "reconstruct_past": 2}])
+def test_state_dict_round_trip_gives_identical_observations(options):
+    trained = wrap(gym.make("CartPole-v1"), cumulants="reward+observation", **options)
     rollout(trained, 80)
-    reloaded = wrap(gym.make("CartPole-v1"), cumulants="reward+observation", seed=7)
+    reloaded = wrap(gym.make("CartPole-v1"), cumulants="reward+observation", seed=7, **options)
     reloaded.load_state_dict(trained.state_dict())
     assert_same_observations(rollout(trained, 50, seed=5)[0], rollout(reloaded, 50, seed=5)[0])
 

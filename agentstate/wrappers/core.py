@@ -42,7 +42,7 @@ from torch import Tensor
 from agentstate.observation import SpaceEncoder, make_observation_encoder, make_space_encoder
 from agentstate.registry import make_learner
 from agentstate.td import TDConfig, TDPredictor
-from agentstate.wrappers.cumulants import Cumulants
+from agentstate.wrappers.cumulants import CumulantCentre, Cumulants
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
 from agentstate.wrappers.reconstruction import PastObservations
 from agentstate.wrappers.settings import AgentStateSettings
@@ -205,6 +205,7 @@ class AgentStateCore:
             settings.reconstruct_past,
         )
         self._head_gammas = self._discounts_per_head(settings.gamma, self.cumulants)
+        self._centre = CumulantCentre(self.cumulants.size) if settings.center_cumulants else None
         self._past = (
             PastObservations(streams, settings.reconstruct_past, self.observation_encoder.size)
             if settings.reconstruct_past
@@ -307,6 +308,8 @@ class AgentStateCore:
             current.impute(mean, self.observation_encoder)
             final.impute(mean, self.observation_encoder)
 
+        if self._centre is not None:
+            self._centre_cumulants(current, final, fresh, nonfinite)
         x = self._tensor(current.learner_input)
         cumulant = self._tensor(current.cumulant)
         continuation = np.where(terminated, 0.0, 1.0)  # [B]: 0 across an episode boundary
@@ -370,6 +373,23 @@ class AgentStateCore:
             final_observations=finals,
             nonfinite=nonfinite,
         )
+
+    def _centre_cumulants(
+        self, current: _Rows, final: _Rows, fresh: np.ndarray, nonfinite: Mapping[int, Any]
+    ) -> None:
+        """Subtract the running means from this step's cumulants, then fold them in.
+
+        A reset step's cumulant stays 0 (nothing is learned from it), and rows kept out of
+        learning (non-finite) do not move the means.
+        """
+        assert self._centre is not None
+        learned = ~fresh
+        learned[list(nonfinite)] = False
+        finite_final = np.isfinite(final.cumulant).all(axis=1)
+        rows = np.concatenate([current.cumulant[learned], final.cumulant[finite_final]])
+        current.cumulant = np.where(fresh[:, None], 0.0, self._centre(current.cumulant))
+        final.cumulant = self._centre(final.cumulant)
+        self._centre.update(rows)
 
     def _rows(
         self,
@@ -567,6 +587,8 @@ class AgentStateCore:
         }
         if self._head_gammas is not None:
             identity["discounts_per_head"] = self._head_gammas.tolist()
+        if self._centre is not None:
+            identity["center_cumulants"] = True
         return identity
 
     def state_dict(self) -> dict[str, Any]:
@@ -587,6 +609,9 @@ class AgentStateCore:
         }
         if self._past is not None:
             saved["past_observations"] = torch.from_numpy(self._past.buffer.copy())
+        if self._centre is not None:
+            saved["cumulant_mean"] = torch.from_numpy(self._centre.mean.copy())
+            saved["cumulant_count"] = self._centre.count
         return saved
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
@@ -627,6 +652,9 @@ class AgentStateCore:
             self.engine.load_state_dict(_shared_engine_state(saved["engine"], self.engine))
             self.total_steps = int(saved["total_steps"])
             self.episode_steps[:] = 0
+        if self._centre is not None:
+            self._centre.mean[:] = saved["cumulant_mean"].numpy()
+            self._centre.count = int(saved["cumulant_count"])
         if self.statistics is not None:
             same_streams = saved["streams"] == self.streams
             self.statistics.restart(self._last_predictions() if same_streams else None)

@@ -127,3 +127,42 @@ class Cumulants:
         if "observation" in self.kind:
             parts.append(encoded_observations)
         return np.concatenate(parts, axis=1)
+
+
+class CumulantCentre:
+    """The running mean of every cumulant, subtracted before the heads learn from it.
+
+    A head's return ``sum_k gamma^k c_t+k`` carries the cumulant's mean times 1 / (1 - gamma).
+    Where the rest is hard to predict (random cards), the learner can lower its TD error
+    fastest by driving its features to a constant that supplies that mean, and a saturated
+    state has no gradient left to recover. Centred cumulants leave that mean out: the heads
+    then predict ``sum_k gamma^k (c_t+k - mean)``, and only what varies is asked of the state.
+
+    The mean is the plain average of every row seen until ``horizon`` rows, then an
+    exponential average over about ``horizon`` rows.
+
+    Example:
+        >>> centre = CumulantCentre(size=1, horizon=4)
+        >>> for value in [1.0, 3.0]:
+        ...     centred = centre(np.array([[value]]))
+        ...     centre.update(np.array([[value]]))
+        >>> float(centred[0, 0]), float(centre.mean[0])  # 3 - mean(1), then mean(1, 3)
+        (2.0, 2.0)
+    """
+
+    def __init__(self, size: int, horizon: int = 10_000) -> None:
+        self.mean = np.zeros(size)
+        self.count = 0
+        self.horizon = horizon
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """``rows - mean``, ``[R, K]``."""
+        return rows - self.mean
+
+    def update(self, rows: np.ndarray) -> None:
+        """Fold in ``[R, K]`` rows (finite cumulants that were learned from)."""
+        if len(rows) == 0:
+            return
+        self.count += len(rows)
+        weight = len(rows) / min(self.count, self.horizon)
+        self.mean += min(weight, 1.0) * (rows.mean(axis=0) - self.mean)

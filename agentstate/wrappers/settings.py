@@ -46,6 +46,10 @@ class AgentStateSettings:
     state: it predicts the next cumulant alone."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
+    center_cumulants: bool = False
+    """Subtract each cumulant's running mean before the heads learn from it
+    (``agentstate.wrappers.cumulants.CumulantCentre``): the state is then not pushed to a
+    constant that supplies the returns' mean."""
     reconstruct_past: int = 0
     """Add heads, each a supervised loss on the agent state (discount 0), that reconstruct
     the encoded observations of the last ``reconstruct_past`` steps before the current one

@@ -197,6 +197,8 @@ def resolved_agent_state(options: Mapping[str, Any]) -> dict[str, Any]:
         resolved[RECONSTRUCT_GAMMA_KEY] = float(reconstruct_gamma)
     if settings.reconstruct_past:
         resolved["reconstruct_past"] = settings.reconstruct_past
+    if settings.center_cumulants:
+        resolved["center_cumulants"] = True
     if not isinstance(settings.gamma, float | int):
         resolved["gamma_per_head"] = list(settings.gamma)
     return resolved
