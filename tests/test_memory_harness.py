@@ -20,6 +20,7 @@ sys.path.insert(0, str(HARNESS))  # the harness modules import each other by nam
 import memory_harness as harness  # noqa: E402
 import memory_results as results  # noqa: E402
 import memory_tasks as tasks  # noqa: E402
+import state_saturation  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 from popgym.envs import ALL_EASY  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
@@ -154,6 +155,15 @@ def test_reconstruction_heads_can_be_supervised_while_the_others_keep_gamma(tmp_
     assert "reconstruct_gamma" not in harness.resolved_agent_state({"reconstruct_lags": [2]})
     with pytest.raises(ValueError, match="reconstruct_gamma must be a number in"):
         harness._check_agent_state({"reconstruct_gamma": 0.0})
+
+
+def test_the_saturation_probe_tells_a_pinned_state_from_a_live_one():
+    pinned = state_saturation.saturation("RepeatPreviousEasy", 8000, 500, seed=0)
+    live = state_saturation.saturation(
+        "RepeatPreviousEasy", 8000, 500, seed=0, center_cumulants=True
+    )
+    assert pinned[0] > 0.99 and pinned[1] < 0.01  # every feature at +-1, for good
+    assert live[0] < 0.5 and live[1] > 5 * pinned[1]  # off the bounds, and varying
 
 
 def test_doctests_of_the_task_module():
