@@ -200,8 +200,10 @@ class AgentStateLoggerCallback(BaseCallback):
         ...     if key.startswith("agent_state/"):
         ...         print(key)
         agent_state/mean_squared_td_error/observation
+        agent_state/mean_squared_td_error/reconstruction
         agent_state/mean_squared_td_error/reward
         agent_state/msre/observation
+        agent_state/msre/reconstruction
         agent_state/msre/reward
         agent_state/state_rms
         agent_state/steps_per_second

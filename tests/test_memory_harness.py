@@ -129,7 +129,12 @@ def test_reconstruction_cumulants_hold_the_inputs_of_earlier_steps():
 def test_the_wrapper_gets_reconstruction_heads(tmp_path):
     run = tiny_run(tmp_path)
     method = harness.Method(
-        "PPO", agent_state={"cumulants": "reward+observation", "reconstruct_lags": [2, 4]}
+        "PPO",
+        agent_state={
+            "cumulants": "reward+observation",
+            "reconstruct_lags": [2, 4],
+            "reconstruct_past": 0,
+        },
     )
     venv = harness.make_venv(dataclasses.replace(run, method=method), 2, 0)
     assert len(venv.cumulant_names) == 1 + 5 + 2 * 5
@@ -158,9 +163,10 @@ def test_reconstruction_heads_can_be_supervised_while_the_others_keep_gamma(tmp_
 
 
 def test_the_saturation_probe_tells_a_pinned_state_from_a_live_one():
-    pinned = state_saturation.saturation("RepeatPreviousEasy", 8000, 500, seed=0)
+    columnar = state_saturation.SETTINGS["columnar 7 (the previous defaults)"]
+    pinned = state_saturation.saturation("RepeatPreviousEasy", 8000, 500, seed=0, **columnar)
     live = state_saturation.saturation(
-        "RepeatPreviousEasy", 8000, 500, seed=0, center_cumulants=True
+        "RepeatPreviousEasy", 8000, 500, seed=0, **{**columnar, "center_cumulants": True}
     )
     assert pinned[0] > 0.99 and pinned[1] < 0.01  # every feature at +-1, for good
     assert live[0] < 0.5 and live[1] > 5 * pinned[1]  # off the bounds, and varying

@@ -36,7 +36,8 @@ def vec_env(n_envs=2, make=CARTPOLE, vec_env_class=DummyVecEnv, **options):
     else:
         venv = DummyVecEnv([make] * n_envs)
     venv.seed(0)
-    return AgentStateVecEnv(venv, **{"seed": 0, "n_features": N_FEATURES, **options})
+    plain = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
+    return AgentStateVecEnv(venv, **{"seed": 0, "n_features": N_FEATURES, **plain, **options})
 
 
 def run(venv, steps, seed=0):

@@ -44,7 +44,8 @@ def one_torch_thread():
 def agent_state_env(n_envs=2, seed=0, **options):
     venv = DummyVecEnv([CARTPOLE] * n_envs)
     venv.seed(0)
-    return AgentStateVecEnv(venv, **{"seed": seed, "n_features": N_FEATURES, **options})
+    plain = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
+    return AgentStateVecEnv(venv, **{"seed": seed, "n_features": N_FEATURES, **plain, **options})
 
 
 def read_csv(path):

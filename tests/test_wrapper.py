@@ -89,8 +89,13 @@ SPACES = {
 }
 
 
+PLAIN = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
+"""The wrapper's mechanics are tested on the simplest setting: a columnar learner whose
+heads are the cumulants alone, uncentred. The defaults have tests of their own."""
+
+
 def wrap(env, **options):
-    options = {"seed": 0, "n_features": N_FEATURES, **options}
+    options = {"seed": 0, "n_features": N_FEATURES, **PLAIN, **options}
     return AgentStateWrapper(env, **options)
 
 
@@ -600,7 +605,9 @@ def vector_rollout(envs, steps, seed=0):
 
 def test_vector_wrapper_with_one_env_reproduces_the_single_env_wrapper_exactly():
     single, _ = rollout(wrap(gym.make("CartPole-v1")), 100)
-    envs = AgentStateVectorWrapper(make_vector(1, AutoresetMode.NEXT_STEP), seed=0, n_features=6)
+    envs = AgentStateVectorWrapper(
+        make_vector(1, AutoresetMode.NEXT_STEP), seed=0, n_features=6, **PLAIN
+    )
     batched, _ = vector_rollout(envs, 100)
     assert_same_observations(batched[:, 0], single)
 
@@ -609,7 +616,7 @@ def test_same_step_autoreset_puts_the_augmented_terminal_observation_in_infos():
     single = wrap(gym.make("CartPole-v1"), learn=False)
     expected, expected_finals = rollout(single, 100, same_step=True)
     envs = AgentStateVectorWrapper(
-        make_vector(1, AutoresetMode.SAME_STEP), seed=0, n_features=6, learn=False
+        make_vector(1, AutoresetMode.SAME_STEP), seed=0, n_features=6, learn=False, **PLAIN
     )
     batched, finals = vector_rollout(envs, 100)
     assert len(finals) == len(expected_finals) > 0
@@ -620,7 +627,11 @@ def test_same_step_autoreset_puts_the_augmented_terminal_observation_in_infos():
 
 def test_vector_streams_share_one_learner_and_restart_separately():
     envs = AgentStateVectorWrapper(
-        make_vector(3, AutoresetMode.NEXT_STEP), seed=0, n_features=6, cumulants="observation"
+        make_vector(3, AutoresetMode.NEXT_STEP),
+        seed=0,
+        n_features=6,
+        cumulants="observation",
+        **PLAIN,
     )
     learner = envs.predictor.learner
     assert learner.streams == 3 and learner.params["weight"].shape[0] == 1
@@ -728,8 +739,21 @@ def test_a_state_saved_for_another_env_or_learner_is_refused(make_other, reason)
     assert_same_state(other.state_dict(), before)
 
 
+def test_with_the_defaults_a_state_trained_on_many_envs_loads_into_one():
+    envs = AgentStateVectorWrapper(make_vector(3, AutoresetMode.NEXT_STEP), seed=0)
+    vector_rollout(envs, 30)
+    single = AgentStateWrapper(gym.make("CartPole-v1"), seed=4)
+    single.load_state_dict(envs.state_dict())
+    np.testing.assert_array_equal(single.core._centre.mean, envs.core._centre.mean)
+    assert not single.core._past.buffer.any()  # every stream starts a new episode
+    observation, _ = single.reset(seed=0)
+    assert observation in single.observation_space
+
+
 def test_a_state_trained_on_many_envs_loads_into_one():
-    envs = AgentStateVectorWrapper(make_vector(3, AutoresetMode.NEXT_STEP), seed=0, n_features=6)
+    envs = AgentStateVectorWrapper(
+        make_vector(3, AutoresetMode.NEXT_STEP), seed=0, n_features=6, **PLAIN
+    )
     vector_rollout(envs, 30)
     single = wrap(gym.make("CartPole-v1"), seed=4)
     single.load_state_dict(envs.state_dict())

@@ -24,11 +24,12 @@ class AgentStateSettings:
 
     The defaults are the setting with the best mean final return of PPO + the wrapper over
     the memory harness's search (``benchmarks/memory/README.md``: four POPGym memory tasks and
-    the cue task, 3 seeds, 100k env steps): reward and observation heads, step size 0.003,
-    7 columns.
+    the cue task, 3 seeds, 100k env steps): an eLSTM of 16 units (exact RTRL), reward and
+    observation heads on centred cumulants, supervised heads reconstructing the four inputs
+    before the current one, step size 0.003.
     """
 
-    learner: str = "columnar"
+    learner: str = "elstm"
     """Registered state learner (``agentstate.available_learners()``)."""
     cumulants: str | CumulantFunction = "reward+observation"
     """What the TD heads predict the discounted future of: ``"reward"``, ``"observation"``
@@ -46,11 +47,11 @@ class AgentStateSettings:
     state: it predicts the next cumulant alone."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
-    center_cumulants: bool = False
+    center_cumulants: bool = True
     """Subtract each cumulant's running mean before the heads learn from it
     (``agentstate.wrappers.cumulants.CumulantCentre``): the state is then not pushed to a
     constant that supplies the returns' mean."""
-    reconstruct_past: int = 0
+    reconstruct_past: int = 4
     """Add heads, each a supervised loss on the agent state (discount 0), that reconstruct
     the encoded observations of the last ``reconstruct_past`` steps before the current one
     (``agentstate.wrappers.reconstruction``); 0: none. ``gamma`` then covers the other heads."""

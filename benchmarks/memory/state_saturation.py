@@ -32,11 +32,12 @@ TASKS = [
     "PositionOnlyCartPoleEasy",
     "CueMemory",
 ]
+PLAIN = {"center_cumulants": False, "reconstruct_past": 0}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "centred": {"center_cumulants": True},
-    "eLSTM": {"learner": "elstm"},
-    "eLSTM, centred": {"learner": "elstm", "center_cumulants": True},
+    "columnar 7 (the previous defaults)": {"learner": "columnar", **PLAIN},
+    "columnar 7, centred": {"learner": "columnar", **PLAIN, "center_cumulants": True},
+    "eLSTM 16": {"learner": "elstm", **PLAIN},
+    "defaults (eLSTM 16, centred, reconstruction)": {},
 }
 
 
