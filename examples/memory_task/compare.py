@@ -56,12 +56,18 @@ class Config:
     """Observations stacked for the frame-stacking baseline (less than the delay)."""
     ppo_envs: int = 8
     dqn_envs: int = 4
+    learner: str = "columnar"
+    """The state learner this comparison was measured with (not the wrapper's default)."""
     n_features: int = 16
     """Columns of the columnar learner (the agent state's size)."""
     cumulants: str = "reward+observation"
     """What the agent state learns to predict: reward and every observation component."""
     step_size: float = 0.01
-    """Adam step size of the learner (the wrapper's default)."""
+    """Adam step size of the learner."""
+    center_cumulants: bool = False
+    reconstruct_past: int = 0
+    """Uncentred heads, no reconstruction heads: the setting measured here (the wrapper's
+    defaults now centre the cumulants and add reconstruction heads, on an eLSTM)."""
 
 
 @dataclass
@@ -124,8 +130,11 @@ def make_venv(method: Method, config: Config, seed: int) -> VecEnv:
             cumulants=method.agent_state
             if isinstance(method.agent_state, str)
             else config.cumulants,
+            learner=config.learner,
             n_features=config.n_features,
             step_size=config.step_size,
+            center_cumulants=config.center_cumulants,
+            reconstruct_past=config.reconstruct_past,
             seed=seed,
         )
     return venv
