@@ -47,7 +47,7 @@ class TDConfig:
     """Hyper-parameters of the TD(lambda) engine (defaults: JMLR 2023 trace patterning)."""
 
     gamma: float = 0.9
-    """Discount of the predicted return (overridable per step and stream)."""
+    """Discount of the predicted return (overridable per step, stream and head)."""
     lambda_: float = 0.99
     """Trace decay."""
     step_size: float = 0.001
