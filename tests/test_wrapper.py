@@ -386,20 +386,23 @@ def test_a_discount_per_head_must_give_one_per_head():
         wrap(gym.make("CartPole-v1"), gamma=(0.9, 0.0, 1.5, 0.0, 0.0))
 
 
-class RandomBits(gym.Env):
-    """A fair coin each step (observation 0 or 1), reward 0, truncated after 50 steps."""
+class RandomSymbols(gym.Env):
+    """One of ``n`` symbols drawn uniformly each step, reward 0, truncated after 50 steps."""
 
-    observation_space = spaces.Discrete(2)
     action_space = spaces.Discrete(1)
+
+    def __init__(self, n):
+        self.observation_space = spaces.Discrete(n)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t = 0
-        return int(self.np_random.integers(2)), {}
+        return int(self.np_random.integers(self.observation_space.n)), {}
 
     def step(self, action):
         self.t += 1
-        return int(self.np_random.integers(2)), 0.0, False, self.t >= 50, {}
+        symbol = int(self.np_random.integers(self.observation_space.n))
+        return symbol, 0.0, False, self.t >= 50, {}
 
 
 def test_reconstruction_heads_get_the_observations_before_the_current_one_with_discount_0():
@@ -433,7 +436,7 @@ def test_reconstruction_heads_get_the_observations_before_the_current_one_with_d
 
 def test_an_elstm_state_learns_to_reconstruct_the_previous_coin_flip():
     env = wrap(
-        RandomBits(),
+        RandomSymbols(2),
         learner="elstm",
         cumulants="reward",
         reconstruct_past=1,
@@ -454,7 +457,7 @@ def test_an_elstm_state_learns_to_reconstruct_the_previous_coin_flip():
 
 def test_the_reconstruction_history_is_saved_with_the_state():
     first, second = (
-        wrap(RandomBits(), learner="elstm", cumulants="reward", reconstruct_past=3, seed=seed)
+        wrap(RandomSymbols(2), learner="elstm", cumulants="reward", reconstruct_past=3, seed=seed)
         for seed in (0, 1)
     )
     for env in (first, second):
@@ -471,27 +474,11 @@ def test_reconstruct_past_must_be_a_count_of_steps():
         wrap(gym.make("CartPole-v1"), reconstruct_past=-1)
 
 
-class RandomCards(gym.Env):
-    """A card drawn uniformly from four each step, reward 0, truncated after 50 steps."""
-
-    observation_space = spaces.Discrete(4)
-    action_space = spaces.Discrete(1)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return int(self.np_random.integers(4)), {}
-
-    def step(self, action):
-        self.t += 1
-        return int(self.np_random.integers(4)), 0.0, False, self.t >= 50, {}
-
-
 @pytest.mark.parametrize("center_cumulants", [False, True])
 def test_centred_cumulants_keep_the_state_off_saturation(center_cumulants):
     """Unpredictable cards: the returns' mean (0.25 / (1 - gamma) each) is all there is to
     learn; uncentred, the learner supplies it by saturating every feature, for good."""
-    env = wrap(RandomCards(), center_cumulants=center_cumulants, n_features=7)
+    env = wrap(RandomSymbols(4), center_cumulants=center_cumulants, n_features=7)
     env.reset(seed=0)
     states = []
     for _ in range(3000):
@@ -507,7 +494,7 @@ def test_centred_cumulants_keep_the_state_off_saturation(center_cumulants):
 
 
 def test_centred_cumulants_are_the_raw_ones_less_their_running_mean():
-    env = wrap(RandomCards(), cumulants="observation", center_cumulants=True, reconstruct_past=1)
+    env = wrap(RandomSymbols(4), cumulants="observation", center_cumulants=True, reconstruct_past=1)
     calls = record_engine_steps(env)
     first, _ = env.reset(seed=0)
     seen, means = [first[:4]], []  # seen[s] = o_s
