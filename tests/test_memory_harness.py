@@ -21,6 +21,7 @@ import memory_harness as harness  # noqa: E402
 import memory_results as results  # noqa: E402
 import memory_tasks as tasks  # noqa: E402
 import state_saturation  # noqa: E402
+import suite_table  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 from popgym.envs import ALL_EASY  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
@@ -170,6 +171,11 @@ def test_the_saturation_probe_tells_a_pinned_state_from_a_live_one():
     )
     assert pinned[0] > 0.99 and pinned[1] < 0.01  # every feature at +-1, for good
     assert live[0] < 0.5 and live[1] > 5 * pinned[1]  # off the bounds, and varying
+
+
+def test_the_readmes_suite_table_is_the_committed_results():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert suite_table.suite_table() in readme
 
 
 def test_doctests_of_the_task_module():
