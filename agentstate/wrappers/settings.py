@@ -42,9 +42,10 @@ class AgentStateSettings:
     include_prev_reward: bool = True
     """The learner's input carries the previous reward."""
     gamma: float | tuple[float, ...] = 0.9
-    """Discount of the predicted cumulants: one for every head, or one per head (a sequence
-    as long as the cumulant vector). A head with discount 0 is a supervised loss on the agent
-    state: it predicts the next cumulant alone."""
+    """Discount of the predicted cumulants: one for every head, or one per cumulant head (a
+    sequence as long as the cumulant vector; the ``reconstruct_past`` heads always have 0). A
+    head with discount 0 is a supervised loss on the agent state: it predicts the next
+    cumulant alone."""
     lambda_: float = 0.9
     """TD(lambda) trace decay."""
     center_cumulants: bool = True
