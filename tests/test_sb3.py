@@ -148,6 +148,30 @@ def test_reconstruction_targets_of_a_terminal_step_come_from_its_episode():
     assert checked_ends >= 3
 
 
+def test_the_past_shown_with_a_terminal_observation_is_its_episodes():
+    """SB3's auto-reset: ``terminal_observation`` shows its own episode's earlier inputs,
+    the reset observation an empty past."""
+    venv = vec_env(2, cumulants="reward", observe_past=2)
+    first = venv.reset()
+    seen = [[first[env, :4]] for env in range(2)]  # each env's encoded CartPole observations
+    checked_ends = 0
+    for actions in ACTIONS[:200]:
+        observation, _, done, infos = venv.step(actions)
+        for env in range(2):
+            shown = (
+                infos[env]["terminal_observation"] if done[env] else observation[env]
+            )
+            before = seen[env][::-1][:2] + [np.zeros(4)] * (2 - min(len(seen[env]), 2))
+            np.testing.assert_allclose(shown[4:12], np.concatenate(before), rtol=1e-6)
+            if done[env]:
+                np.testing.assert_array_equal(observation[env, 4:12], np.zeros(8))
+                checked_ends += 1
+                seen[env] = [observation[env, :4]]
+            else:
+                seen[env].append(observation[env, :4])
+    assert checked_ends >= 3
+
+
 @pytest.mark.parametrize("truncate", [False, True])
 def test_auto_reset_learns_terminal_rewards_and_bootstraps_truncations(truncate):
     """Reward 1 every step, episodes of 3 steps, gamma 0.5.
@@ -202,13 +226,15 @@ def test_nonfinite_observation_in_a_vec_env_names_the_env_or_is_skipped():
 
 
 # ------------------------------------------------------------------ save and load
-@pytest.mark.parametrize("reconstruct_past", [0, 3])
-def test_save_load_round_trip_gives_identical_observations(tmp_path, reconstruct_past):
-    trained = vec_env(2, cumulants="reward+observation", reconstruct_past=reconstruct_past)
+@pytest.mark.parametrize(
+    "history", [{}, {"reconstruct_past": 3}, {"observe_past": 2}, {"reconstruct_past": 1, "observe_past": 3}]
+)
+def test_save_load_round_trip_gives_identical_observations(tmp_path, history):
+    trained = vec_env(2, cumulants="reward+observation", **history)
     run(trained, 100)
     path = save_agent_state(trained, tmp_path / "ppo.agentstate.pt")
     assert os.listdir(tmp_path) == ["ppo.agentstate.pt"]  # no temporary file left behind
-    reloaded = vec_env(2, cumulants="reward+observation", seed=9, reconstruct_past=reconstruct_past)
+    reloaded = vec_env(2, cumulants="reward+observation", seed=9, **history)
     load_agent_state(reloaded, path)
     assert_same_observations(run(trained, 100)[0], run(reloaded, 100)[0])
 

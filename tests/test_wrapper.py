@@ -474,6 +474,48 @@ def test_reconstruct_past_must_be_a_count_of_steps():
         wrap(gym.make("CartPole-v1"), reconstruct_past=-1)
 
 
+def test_observe_past_shows_the_observations_before_the_current_one():
+    env = wrap(RandomSymbols(3), cumulants="reward", observe_past=2)
+    one_hot = np.eye(3)
+    assert env.observation_space.shape == (3 + 2 * 3 + N_FEATURES,)
+    observation, _ = env.reset(seed=0)
+    history = []  # the encoded observations of this episode so far
+    for step in range(120):
+        current = observation[:3]
+        assert observation in env.observation_space
+        before = history[::-1][:2] + [np.zeros(3)] * (2 - min(len(history), 2))
+        np.testing.assert_array_equal(observation[3:9], np.concatenate(before))
+        np.testing.assert_array_equal(observation[9:], env.core.state[0])
+        assert current.tolist() in one_hot.tolist()
+        history.append(current)
+        observation, _, _, truncated, _ = env.step(0)
+        if truncated:  # episodes of 50 steps: the next one starts with an empty past
+            observation, _ = env.reset()
+            history = []
+    assert step >= 100
+
+
+def test_observe_past_leaves_learning_as_it_was():
+    shown, plain = wrap(RandomSymbols(2), observe_past=3), wrap(RandomSymbols(2))
+    for env in (shown, plain):
+        env.reset(seed=3)
+    for _ in range(60):
+        with_past, without = shown.step(0)[0], plain.step(0)[0]
+        np.testing.assert_array_equal(with_past[:2], without[:2])
+        np.testing.assert_array_equal(with_past[8:], without[2:])  # the same agent state
+
+
+def test_a_state_saved_without_the_past_shown_is_refused_with_it():
+    saved = wrap(RandomSymbols(2)).state_dict()
+    with pytest.raises(ValueError, match="observe_past"):
+        wrap(RandomSymbols(2), observe_past=2).load_state_dict(saved)
+
+
+def test_observe_past_must_be_a_count_of_steps():
+    with pytest.raises(ValueError, match="observe_past must be an int >= 0"):
+        wrap(gym.make("CartPole-v1"), observe_past=1.5)
+
+
 @pytest.mark.parametrize("center_cumulants", [False, True])
 def test_centred_cumulants_keep_the_state_off_saturation(center_cumulants):
     """Unpredictable cards: the returns' mean (0.25 / (1 - gamma) each) is all there is to

@@ -65,6 +65,7 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
         gamma: float | tuple[float, ...] = AgentStateSettings.gamma,
         lambda_: float = AgentStateSettings.lambda_,
         reconstruct_past: int = AgentStateSettings.reconstruct_past,
+        observe_past: int = AgentStateSettings.observe_past,
         center_cumulants: bool = AgentStateSettings.center_cumulants,
         step_size: float = AgentStateSettings.step_size,
         learn: bool = True,
@@ -90,6 +91,8 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             lambda_: TD(lambda) trace decay.
             reconstruct_past: add supervised heads (discount 0) that reconstruct the encoded
                 observations of this many steps before the current one; 0: none.
+            observe_past: also return the encoded observations of this many steps before
+                the current one (zeros before the episode began); 0: none.
             center_cumulants: subtract each cumulant's running mean before learning.
             step_size: step size of the learner's parameters.
             learn: train online (False: frozen, for evaluation).
@@ -109,6 +112,7 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             gamma=gamma,
             lambda_=lambda_,
             reconstruct_past=reconstruct_past,
+            observe_past=observe_past,
             center_cumulants=center_cumulants,
             step_size=step_size,
             learn=learn,

@@ -4,7 +4,8 @@ Every wrapper (single env, gymnasium vector env, SB3 VecEnv) reduces to ``AgentS
 at each step of stream ``b`` it builds the learner input
 ``x_t = [enc(o_t), enc(a_t-1), r_t]`` (the action and reward parts are zero at an episode's
 first observation), advances the ``TDPredictor`` (which updates the learner online on the
-cumulants) and returns ``[enc(o_t), h_t]`` as float32.
+cumulants) and returns ``[enc(o_t), h_t]`` as float32 (with ``observe_past = M``,
+``[enc(o_t), enc(o_t-1), ..., enc(o_t-M), h_t]``, zeros before the episode began).
 
 Episode ends, per stream:
 
@@ -206,10 +207,9 @@ class AgentStateCore:
         )
         self._head_gammas = self._discounts_per_head(settings.gamma, self.cumulants)
         self._centre = CumulantCentre(self.cumulants.size) if settings.center_cumulants else None
+        history = max(settings.reconstruct_past, settings.observe_past)
         self._past = (
-            PastObservations(streams, settings.reconstruct_past, self.observation_encoder.size)
-            if settings.reconstruct_past
-            else None
+            PastObservations(streams, history, self.observation_encoder.size) if history else None
         )
         self.learner = make_learner(
             settings.learner,
@@ -240,11 +240,12 @@ class AgentStateCore:
 
     def _augmented_space(self, state_bound: float) -> spaces.Box:
         n_features = self.learner.n_features
-        low = [np.full(n_features, -state_bound)]
-        high = [np.full(n_features, state_bound)]
+        encoder, shown = self.observation_encoder, self.settings.observe_past
+        low = [np.tile(np.minimum(encoder.low, 0.0), shown), np.full(n_features, -state_bound)]
+        high = [np.tile(np.maximum(encoder.high, 0.0), shown), np.full(n_features, state_bound)]
         if self.settings.include_observation:
-            low.insert(0, self.observation_encoder.low)
-            high.insert(0, self.observation_encoder.high)
+            low.insert(0, encoder.low)
+            high.insert(0, encoder.high)
         return spaces.Box(
             np.concatenate(low).astype(np.float32),
             np.concatenate(high).astype(np.float32),
@@ -360,6 +361,8 @@ class AgentStateCore:
                 terminated=np.asarray(batch.terminated, dtype=bool).reshape(streams),
                 seconds=time.perf_counter() - started,
             )
+        shown_past = self._shown_past(slice(None), fresh)
+        final_past = self._shown_past(ended, np.zeros(len(ended), dtype=bool))
         if self._past is not None:
             self._past.push(current.encoded, fresh)
         self.total_steps += 1
@@ -367,9 +370,10 @@ class AgentStateCore:
 
         finals = {}
         if final_states is not None:
-            finals = dict(zip(ended, self._augment(final.encoded, final_states), strict=True))
+            terminal = self._augment(final.encoded, final_past, final_states)
+            finals = dict(zip(ended, terminal, strict=True))
         return StepResult(
-            observations=self._augment(current.encoded, state),
+            observations=self._augment(current.encoded, shown_past, state),
             final_observations=finals,
             nonfinite=nonfinite,
         )
@@ -403,8 +407,10 @@ class AgentStateCore:
         """Encoded observations, learner inputs and cumulants of a batch of ``streams``."""
         encoded = self.observation_encoder.encode(observations, len(rewards))
         cumulant = self.cumulants(observations, encoded, rewards, infos)
-        if self._past is not None:
-            cumulant = np.concatenate([cumulant, self._past.targets(streams)], axis=1)
+        if self.settings.reconstruct_past:
+            assert self._past is not None
+            targets = self._past.targets(streams, self.settings.reconstruct_past)
+            cumulant = np.concatenate([cumulant, targets], axis=1)
         return _Rows(
             encoded, self._learner_input(encoded, previous_action, rewards, fresh), cumulant
         )
@@ -452,10 +458,19 @@ class AgentStateCore:
             parts.append(np.where(fresh, 0.0, rewards)[:, None])
         return np.concatenate(parts, axis=1)
 
-    def _augment(self, encoded: np.ndarray, state: np.ndarray) -> np.ndarray:
-        if not self.settings.include_observation:
-            return state.astype(np.float32, copy=True)
-        return np.concatenate([encoded.astype(np.float32), state], axis=1)
+    def _shown_past(self, streams: slice | list[int], fresh: np.ndarray) -> np.ndarray:
+        """``[R, observe_past * D]``: the encoded observations before the chosen streams'
+        current ones, zeros for a ``fresh`` stream (call before this step's push)."""
+        shown = self.settings.observe_past
+        if not shown:
+            return np.zeros((len(fresh), 0))
+        assert self._past is not None
+        return np.where(fresh[:, None], 0.0, self._past.latest(shown, streams))
+
+    def _augment(self, encoded: np.ndarray, past: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """The policy's observation ``[enc(o_t)?, enc(o_t-1), ..., enc(o_t-M), h_t]``."""
+        parts = [encoded, past] if self.settings.include_observation else [past]
+        return np.concatenate([*parts, state], axis=1).astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------- engine access
     def _tensor(self, array: np.ndarray) -> Tensor:
@@ -589,6 +604,8 @@ class AgentStateCore:
             identity["discounts_per_head"] = self._head_gammas.tolist()
         if self._centre is not None:
             identity["center_cumulants"] = True
+        if self.settings.observe_past:
+            identity["observe_past"] = self.settings.observe_past
         return identity
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,9 @@ heads ask for it directly: with ``reconstruct_past = N``, the cumulant that arri
 ``o_t`` (zeros before the episode began). The heads have discount 0, so each is a supervised
 loss ``(y_t - o_t-k)^2 / 2`` on ``h_t``, which has seen ``o_t`` and everything before it; its
 learner gradient is the learner's exact RTRL gradient, as for every head.
+
+The same history serves ``observe_past = M``: the policy is shown ``[o_t-1, ..., o_t-M]``
+beside ``o_t`` and the agent state.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ class PastObservations:
         ...     past.push(np.array([[float(t)]]), np.array([fresh]))
         >>> arriving.tolist()  # with o_3: o_1 (1 before o_2) and o_0 (2 before)
         [[1.0, 0.0]]
+        >>> past.latest(2).tolist()  # shown with the next observation: o_3, o_2
+        [[3.0, 2.0]]
 
     Args:
         streams: B.
-        steps: N, how many observations before the current one the heads reconstruct.
+        steps: N, how far back the history reaches before the latest observation.
         observation_size: D, the length of the encoded observation.
     """
 
@@ -49,15 +54,22 @@ class PastObservations:
         self.steps = steps
         self.buffer = np.zeros((streams, steps + 1, observation_size))  # [:, j]: o_t-j
 
-    @property
-    def size(self) -> int:
-        """Targets per stream: N * D."""
-        return self.steps * self.buffer.shape[2]
+    def targets(
+        self, streams: slice | Sequence[int] = slice(None), count: int | None = None
+    ) -> np.ndarray:
+        """``[R, count * D]``: ``[o_t-1, ..., o_t-count]`` of the chosen streams, o_t the
+        latest pushed (``count`` defaults to ``steps``)."""
+        count = self.steps if count is None else count
+        rows = self.buffer[streams, 1 : 1 + count]
+        return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2]).copy()
 
-    def targets(self, streams: slice | Sequence[int] = slice(None)) -> np.ndarray:
-        """``[R, N * D]``: ``[o_t-1, ..., o_t-N]`` of the chosen streams, o_t the latest pushed."""
-        rows = self.buffer[streams, 1:]
-        return rows.reshape(rows.shape[0], -1).copy()
+    def latest(self, count: int, streams: slice | Sequence[int] = slice(None)) -> np.ndarray:
+        """``[R, count * D]``: ``[o_t, ..., o_t-count+1]``, the latest ``count`` pushed; for
+        the observation about to arrive, the ``count`` steps before it."""
+        if not 1 <= count <= self.steps + 1:
+            raise ValueError(f"count must lie in [1, {self.steps + 1}], got {count!r}")
+        rows = self.buffer[streams, :count]
+        return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2]).copy()
 
     def push(self, encoded: np.ndarray, fresh: np.ndarray) -> None:
         """Add this step's ``[B, D]`` observations; ``fresh`` streams start an empty history."""

@@ -56,6 +56,10 @@ class AgentStateSettings:
     """Add heads, each a supervised loss on the agent state (discount 0), that reconstruct
     the encoded observations of the last ``reconstruct_past`` steps before the current one
     (``agentstate.wrappers.reconstruction``); 0: none. ``gamma`` then covers the other heads."""
+    observe_past: int = 0
+    """Also return the encoded observations of this many steps before the current one
+    (zeros before the episode began), as four stacked frames would with 3: the policy sees
+    the recent past as it was, the agent state what the learner kept of the rest. 0: none."""
     step_size: float = 0.003
     """Step size of the learner's parameters (the heads use ``td_options`` or the engine's
     default, ``step_size / number of head features``)."""
@@ -105,6 +109,15 @@ class AgentStateSettings:
             raise ValueError(
                 f"reconstruct_past must be an int >= 0 (steps of the past the state is trained "
                 f"to reconstruct), got {self.reconstruct_past!r}"
+            )
+        if (
+            not isinstance(self.observe_past, (int, np.integer))
+            or isinstance(self.observe_past, bool)
+            or self.observe_past < 0
+        ):
+            raise ValueError(
+                f"observe_past must be an int >= 0 (steps of the past returned with each "
+                f"observation), got {self.observe_past!r}"
             )
         if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")

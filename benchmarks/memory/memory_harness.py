@@ -199,6 +199,8 @@ def resolved_agent_state(options: Mapping[str, Any]) -> dict[str, Any]:
         resolved["reconstruct_past"] = settings.reconstruct_past
     if settings.center_cumulants:
         resolved["center_cumulants"] = True
+    if settings.observe_past:
+        resolved["observe_past"] = settings.observe_past
     if not isinstance(settings.gamma, float | int):
         resolved["gamma_per_head"] = list(settings.gamma)
     return resolved
