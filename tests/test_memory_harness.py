@@ -220,6 +220,34 @@ def test_the_wrapper_search_spec_expands():
     assert {"as_reconstruct", "as_both,step_size=0.003", "as_both_elstm"} <= variants
 
 
+def test_the_wrapper_search_spec_means_the_same_runs_whatever_the_defaults(monkeypatch):
+    """Its runs are committed: a change of the wrapper's defaults must not change them."""
+    runs = harness.expand_spec(harness.load_spec(HARNESS / "wrapper_search.toml")).runs
+    searched = [run for run in runs if run.method.agent_state is not None]
+    now = {run.variant: harness.resolved_agent_state(run.method.agent_state) for run in searched}
+    other_defaults = {
+        "cumulants": "observation",
+        "gamma": 0.5,
+        "lambda_": 0.5,
+        "center_cumulants": False,
+        "reconstruct_past": 2,
+        "observe_past": 2,
+        "step_size": 0.1,
+        "include_prev_action": False,
+        "include_prev_reward": False,
+        "n_features": 5,
+    }
+    settings_from_options = harness.settings_from_options
+
+    def with_other_defaults(learner, options):
+        return settings_from_options(learner, {**other_defaults, **options})
+
+    monkeypatch.setattr(harness, "settings_from_options", with_other_defaults)
+    monkeypatch.setattr(harness.AgentStateSettings, "learner", "rtu")
+    for run in searched:
+        assert harness.resolved_agent_state(run.method.agent_state) == now[run.variant], run.variant
+
+
 def test_the_wrapper_defaults_are_the_best_setting_of_the_committed_search():
     """AgentStateVecEnv() with no options = the variant with the best mean over the tasks."""
     table = read_rows(
