@@ -435,6 +435,17 @@ def test_a_run_finished_under_other_wrapper_defaults_is_another_run(tmp_path):
         harness.is_finished(run, tmp_path)
 
 
+def test_a_run_whose_options_spell_out_a_default_is_the_same_run(tmp_path):
+    run = tiny_run(tmp_path)  # agent_state = {}
+    folder = tmp_path / run.name
+    folder.mkdir()
+    spelled = dataclasses.replace(run.method, agent_state={"gamma": harness.AgentStateSettings.gamma})
+    identity = dataclasses.replace(run, method=spelled).identity()
+    assert identity["method"] != run.identity()["method"]
+    (folder / "done.json").write_text(json.dumps(identity))
+    assert harness.is_finished(run, tmp_path)
+
+
 def test_a_methods_agent_state_is_merged_into_its_bases(tmp_path):
     text = (
         TINY_SPEC

@@ -748,8 +748,8 @@ def is_finished(run: BenchRun, out_root: Path) -> bool:
     marker_path = out_root / run.name / DONE_NAME
     if not marker_path.exists():
         return False
-    saved = json.loads(marker_path.read_text())
-    mine = run.identity()
+    saved = _as_run(json.loads(marker_path.read_text()))
+    mine = _as_run(run.identity())
     differences = describe_differences({key: saved.get(key) for key in mine}, mine)
     if differences:
         raise ValueError(
@@ -757,6 +757,15 @@ def is_finished(run: BenchRun, out_root: Path) -> bool:
             f"({'; '.join(differences)}); use another --out or delete that folder"
         )
     return True
+
+
+def _as_run(identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` as what the run does: with its wrapper settings resolved, how its
+    ``agent_state`` options spell them (a default written out or left implicit) is dropped."""
+    if "agent_state_settings" not in identity or not isinstance(identity.get("method"), dict):
+        return identity
+    method = {key: value for key, value in identity["method"].items() if key != "agent_state"}
+    return {**identity, "method": method}
 
 
 # ---------------------------------------------------------------------- sweeps
