@@ -439,7 +439,8 @@ def test_a_run_whose_options_spell_out_a_default_is_the_same_run(tmp_path):
     run = tiny_run(tmp_path)  # agent_state = {}
     folder = tmp_path / run.name
     folder.mkdir()
-    spelled = dataclasses.replace(run.method, agent_state={"gamma": harness.AgentStateSettings.gamma})
+    default_gamma = harness.AgentStateSettings.gamma
+    spelled = dataclasses.replace(run.method, agent_state={"gamma": default_gamma})
     identity = dataclasses.replace(run, method=spelled).identity()
     assert identity["method"] != run.identity()["method"]
     (folder / "done.json").write_text(json.dumps(identity))

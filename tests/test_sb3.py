@@ -158,9 +158,7 @@ def test_the_past_shown_with_a_terminal_observation_is_its_episodes():
     for actions in ACTIONS[:200]:
         observation, _, done, infos = venv.step(actions)
         for env in range(2):
-            shown = (
-                infos[env]["terminal_observation"] if done[env] else observation[env]
-            )
+            shown = infos[env]["terminal_observation"] if done[env] else observation[env]
             before = seen[env][::-1][:2] + [np.zeros(4)] * (2 - min(len(seen[env]), 2))
             np.testing.assert_allclose(shown[4:12], np.concatenate(before), rtol=1e-6)
             if done[env]:
@@ -226,9 +224,15 @@ def test_nonfinite_observation_in_a_vec_env_names_the_env_or_is_skipped():
 
 
 # ------------------------------------------------------------------ save and load
-@pytest.mark.parametrize(
-    "history", [{}, {"reconstruct_past": 3}, {"observe_past": 2}, {"reconstruct_past": 1, "observe_past": 3}]
-)
+HISTORIES = [
+    {},
+    {"reconstruct_past": 3},
+    {"observe_past": 2},
+    {"reconstruct_past": 1, "observe_past": 3},
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
 def test_save_load_round_trip_gives_identical_observations(tmp_path, history):
     trained = vec_env(2, cumulants="reward+observation", **history)
     run(trained, 100)

@@ -459,8 +459,11 @@ class AgentStateCore:
         return np.concatenate(parts, axis=1)
 
     def _shown_past(self, streams: slice | list[int], fresh: np.ndarray) -> np.ndarray:
-        """``[R, observe_past * D]``: the encoded observations before the chosen streams'
-        current ones, zeros for a ``fresh`` stream (call before this step's push)."""
+        """``[R, observe_past * D]``: what the chosen streams' current observations follow.
+
+        The encoded observations of the ``observe_past`` steps before, zeros for a ``fresh``
+        stream; call before this step's push.
+        """
         shown = self.settings.observe_past
         if not shown:
             return np.zeros((len(fresh), 0))

@@ -57,15 +57,19 @@ class PastObservations:
     def targets(
         self, streams: slice | Sequence[int] = slice(None), count: int | None = None
     ) -> np.ndarray:
-        """``[R, count * D]``: ``[o_t-1, ..., o_t-count]`` of the chosen streams, o_t the
-        latest pushed (``count`` defaults to ``steps``)."""
+        """``[R, count * D]``: ``[o_t-1, ..., o_t-count]`` of the chosen streams.
+
+        o_t is the latest pushed; ``count`` defaults to ``steps``.
+        """
         count = self.steps if count is None else count
         rows = self.buffer[streams, 1 : 1 + count]
         return rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2]).copy()
 
     def latest(self, count: int, streams: slice | Sequence[int] = slice(None)) -> np.ndarray:
-        """``[R, count * D]``: ``[o_t, ..., o_t-count+1]``, the latest ``count`` pushed; for
-        the observation about to arrive, the ``count`` steps before it."""
+        """``[R, count * D]``: ``[o_t, ..., o_t-count+1]``, the latest ``count`` pushed.
+
+        For the observation about to arrive, these are the ``count`` steps before it.
+        """
         if not 1 <= count <= self.steps + 1:
             raise ValueError(f"count must lie in [1, {self.steps + 1}], got {count!r}")
         rows = self.buffer[streams, :count]
