@@ -73,7 +73,7 @@ class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
         >>> venv = DummyVecEnv([lambda: gym.make("CartPole-v1")] * 2)
         >>> venv = AgentStateVecEnv(venv, n_features=8, seed=0)
         >>> venv.observation_space.shape
-        (12,)
+        (24,)
         >>> model = PPO("MlpPolicy", venv, n_steps=32, batch_size=32, n_epochs=1, seed=0)
         >>> model = model.learn(total_timesteps=64)
 

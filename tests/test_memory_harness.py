@@ -164,7 +164,7 @@ def test_reconstruction_heads_can_be_supervised_while_the_others_keep_gamma(tmp_
 
 
 def test_the_saturation_probe_tells_a_pinned_state_from_a_live_one():
-    columnar = state_saturation.SETTINGS["columnar 7 (the previous defaults)"]
+    columnar = state_saturation.SETTINGS["columnar 7 (the first defaults)"]
     pinned = state_saturation.saturation("RepeatPreviousEasy", 8000, 500, seed=0, **columnar)
     live = state_saturation.saturation(
         "RepeatPreviousEasy", 8000, 500, seed=0, **{**columnar, "center_cumulants": True}

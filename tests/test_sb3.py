@@ -36,7 +36,12 @@ def vec_env(n_envs=2, make=CARTPOLE, vec_env_class=DummyVecEnv, **options):
     else:
         venv = DummyVecEnv([make] * n_envs)
     venv.seed(0)
-    plain = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
+    plain = {
+        "learner": "columnar",
+        "center_cumulants": False,
+        "reconstruct_past": 0,
+        "observe_past": 0,
+    }
     return AgentStateVecEnv(venv, **{"seed": 0, "n_features": N_FEATURES, **plain, **options})
 
 

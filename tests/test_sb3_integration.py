@@ -41,11 +41,15 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def agent_state_env(n_envs=2, seed=0, **options):
-    venv = DummyVecEnv([CARTPOLE] * n_envs)
-    venv.seed(0)
-    plain = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
-    return AgentStateVecEnv(venv, **{"seed": seed, "n_features": N_FEATURES, **plain, **options})
+PLAIN = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0, "observe_past": 0}
+"""The simplest setting (see tests/test_wrapper.py): observations ``[o_t, h_t]``."""
+
+
+def agent_state_env(n_envs=2, seed=0, venv=None, **options):
+    if venv is None:
+        venv = DummyVecEnv([CARTPOLE] * n_envs)
+        venv.seed(0)
+    return AgentStateVecEnv(venv, **{"seed": seed, "n_features": N_FEATURES, **PLAIN, **options})
 
 
 def read_csv(path):
@@ -184,7 +188,7 @@ def stack(order, n_envs=2, seed=0):
     if order == "inside":
         venv = DummyVecEnv([CARTPOLE] * n_envs)
         venv.seed(0)
-        return AgentStateVecEnv(VecNormalize(venv), seed=seed, n_features=N_FEATURES)
+        return agent_state_env(seed=seed, venv=VecNormalize(venv))
     venv = agent_state_env(n_envs, seed=seed)
     return VecNormalize(venv) if order == "outside" else venv
 

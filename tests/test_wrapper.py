@@ -89,9 +89,15 @@ SPACES = {
 }
 
 
-PLAIN = {"learner": "columnar", "center_cumulants": False, "reconstruct_past": 0}
+PLAIN = {
+    "learner": "columnar",
+    "center_cumulants": False,
+    "reconstruct_past": 0,
+    "observe_past": 0,
+}
 """The wrapper's mechanics are tested on the simplest setting: a columnar learner whose
-heads are the cumulants alone, uncentred. The defaults have tests of their own."""
+heads are the cumulants alone, uncentred, and an observation ``[o_t, h_t]``. The defaults
+have tests of their own."""
 
 
 def wrap(env, **options):

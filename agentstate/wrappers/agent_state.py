@@ -40,7 +40,7 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
         >>> from agentstate import AgentStateWrapper
         >>> env = AgentStateWrapper(gym.make("CartPole-v1"), n_features=8, seed=0)
         >>> env.observation_space.shape
-        (12,)
+        (24,)
         >>> observation, info = env.reset(seed=0)
         >>> observation, reward, terminated, truncated, info = env.step(0)
         >>> observation.dtype, observation in env.observation_space

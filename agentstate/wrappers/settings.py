@@ -25,8 +25,8 @@ class AgentStateSettings:
     The defaults are the setting with the best mean final return of PPO + the wrapper over
     the memory harness's search (``benchmarks/memory/README.md``: four POPGym memory tasks and
     the cue task, 3 seeds, 100k env steps): an eLSTM of 16 units (exact RTRL), reward and
-    observation heads on centred cumulants, supervised heads reconstructing the four inputs
-    before the current one, step size 0.003.
+    observation heads on centred cumulants, step size 0.003, and the encoded observations of
+    the three steps before the current one returned beside it and the agent state.
     """
 
     learner: str = "elstm"
@@ -52,11 +52,11 @@ class AgentStateSettings:
     """Subtract each cumulant's running mean before the heads learn from it
     (``agentstate.wrappers.cumulants.CumulantCentre``): the state is then not pushed to a
     constant that supplies the returns' mean."""
-    reconstruct_past: int = 4
+    reconstruct_past: int = 0
     """Add heads, each a supervised loss on the agent state (discount 0), that reconstruct
     the encoded observations of the last ``reconstruct_past`` steps before the current one
     (``agentstate.wrappers.reconstruction``); 0: none. ``gamma`` then covers the other heads."""
-    observe_past: int = 0
+    observe_past: int = 3
     """Also return the encoded observations of this many steps before the current one
     (zeros before the episode began), as four stacked frames would with 3: the policy sees
     the recent past as it was, the agent state what the learner kept of the rest. 0: none."""

@@ -31,7 +31,7 @@ class AgentStateVectorWrapper(AgentStateControls, gym.vector.VectorWrapper):
         >>> envs = AgentStateVectorWrapper(envs, n_features=8, seed=0)
         >>> observations, infos = envs.reset(seed=0)
         >>> observations.shape, envs.single_observation_space.shape
-        ((3, 12), (12,))
+        ((3, 24), (24,))
         >>> observations, rewards, terminations, truncations, infos = envs.step([0, 1, 0])
         >>> observations.dtype
         dtype('float32')

@@ -34,10 +34,14 @@ TASKS = [
 ]
 PLAIN = {"center_cumulants": False, "reconstruct_past": 0}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "columnar 7 (the previous defaults)": {"learner": "columnar", **PLAIN},
+    "columnar 7 (the first defaults)": {"learner": "columnar", **PLAIN},
     "columnar 7, centred": {"learner": "columnar", **PLAIN, "center_cumulants": True},
     "eLSTM 16": {"learner": "elstm", **PLAIN},
-    "defaults (eLSTM 16, centred, reconstruction)": {},
+    "eLSTM 16, centred, reconstruction (the previous defaults)": {
+        "learner": "elstm",
+        "center_cumulants": True,
+        "reconstruct_past": 4,
+    },
 }
 
 
@@ -48,12 +52,12 @@ def saturation(
     env = agentstate.AgentStateWrapper(make_task(task), seed=seed, **options)
     env.action_space.seed(seed)
     env.reset(seed=seed)
-    observation_size = env.core.observation_size
+    n_features = env.core.learner.n_features
     states = []
     for step in range(steps):
         observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
         if step >= steps - window:
-            states.append(observation[observation_size:])
+            states.append(observation[-n_features:])  # h_t ends the observation
         if terminated or truncated:
             env.reset()
     recent = np.array(states)

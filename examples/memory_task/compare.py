@@ -66,8 +66,10 @@ class Config:
     """Adam step size of the learner."""
     center_cumulants: bool = False
     reconstruct_past: int = 0
-    """Uncentred heads, no reconstruction heads: the setting measured here (the wrapper's
-    defaults now centre the cumulants and add reconstruction heads, on an eLSTM)."""
+    observe_past: int = 0
+    """Uncentred heads, no reconstruction heads, no past shown: the setting measured here
+    (the wrapper's defaults now centre the cumulants on an eLSTM and show the policy the
+    three observations before the current one)."""
 
 
 @dataclass
@@ -135,6 +137,7 @@ def make_venv(method: Method, config: Config, seed: int) -> VecEnv:
             step_size=config.step_size,
             center_cumulants=config.center_cumulants,
             reconstruct_past=config.reconstruct_past,
+            observe_past=config.observe_past,
             seed=seed,
         )
     return venv
