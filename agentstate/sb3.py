@@ -173,7 +173,8 @@ class AgentStateLoggerCallback(BaseCallback):
     """Records the state learner's metrics in SB3's logger (TensorBoard, CSV, stdout).
 
     At each rollout end it records, under ``agent_state/``, for each cumulant group
-    (``reward``, ``observation``, or ``cumulant`` for a callable):
+    (``reward``, ``observation``, ``reconstruction`` with ``reconstruct_past``, or
+    ``cumulant`` for a callable):
     ``mean_squared_td_error/<group>`` and ``msre/<group>`` (mean squared error of the
     predictions against the discounted return computed backward over the episodes that
     terminated; left out while none has); and ``state_rms`` (RMS of the agent state over
@@ -200,10 +201,8 @@ class AgentStateLoggerCallback(BaseCallback):
         ...     if key.startswith("agent_state/"):
         ...         print(key)
         agent_state/mean_squared_td_error/observation
-        agent_state/mean_squared_td_error/reconstruction
         agent_state/mean_squared_td_error/reward
         agent_state/msre/observation
-        agent_state/msre/reconstruction
         agent_state/msre/reward
         agent_state/state_rms
         agent_state/steps_per_second

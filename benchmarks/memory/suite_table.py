@@ -3,9 +3,10 @@
 Reads ``benchmarks/results/memory_actor_critic/results.csv`` (every method under its current
 settings) and ``wrapper_previous_defaults/results.csv`` (the wrapper's runs under its
 previous defaults: an eLSTM with centred and reconstruction heads, no past shown; the first
-defaults' runs are in ``wrapper_first_defaults/``) and prints a markdown table: one row per task (mean ± s.e. over 3 seeds,
-the best of a row in bold), the mean over the 15 tasks where a method has all of them, and
-the training seconds per run. A cell with fewer than 3 finished seeds reads ``queued``.
+defaults' runs are in ``wrapper_first_defaults/``) and prints a markdown table: one row per
+task (mean ± s.e. over 3 seeds, the best of a row in bold), the mean over the 15 tasks where
+a method has all of them, and the training seconds per run. A cell with fewer than 3
+finished seeds reads ``queued``.
 
     python benchmarks/memory/suite_table.py
 """
