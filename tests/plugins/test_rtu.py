@@ -188,9 +188,9 @@ def test_registers_through_its_entry_point():
 
 def test_wrapper_appends_its_state_and_learns():
     env = agentstate.AgentStateWrapper(
-        gym.make("CartPole-v1"), learner="rtu", n_features=2 * UNITS, seed=0
+        gym.make("CartPole-v1"), learner="rtu", n_features=2 * UNITS, observe_past=0, seed=0
     )
-    assert env.observation_space.shape == (4 + 2 * UNITS,)
+    assert env.observation_space.shape == (4 + 2 * UNITS,)  # [o_t, h_t]
     # ReLU of an unbounded linear recurrence: no bound but finiteness.
     assert np.all(np.isinf(env.observation_space.high[4:]))
     learner = env.core.learner
