@@ -45,7 +45,7 @@ from agentstate.registry import make_learner
 from agentstate.td import TDConfig, TDPredictor
 from agentstate.wrappers.cumulants import CumulantCentre, Cumulants
 from agentstate.wrappers.errors import LearnerDivergedError, NonFiniteInputError
-from agentstate.wrappers.reconstruction import PastObservations
+from agentstate.wrappers.history import PastObservations
 from agentstate.wrappers.settings import AgentStateSettings
 from agentstate.wrappers.statistics import LearnerStatistics
 
