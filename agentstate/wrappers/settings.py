@@ -101,24 +101,14 @@ class AgentStateSettings:
             object.__setattr__(self, "gamma", gammas)
         if not all(0.0 <= value <= 1.0 for value in np.ravel(self.gamma)):
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma!r}")
-        if (
-            not isinstance(self.reconstruct_past, (int, np.integer))
-            or isinstance(self.reconstruct_past, bool)
-            or self.reconstruct_past < 0
-        ):
-            raise ValueError(
-                f"reconstruct_past must be an int >= 0 (steps of the past the state is trained "
-                f"to reconstruct), got {self.reconstruct_past!r}"
-            )
-        if (
-            not isinstance(self.observe_past, (int, np.integer))
-            or isinstance(self.observe_past, bool)
-            or self.observe_past < 0
-        ):
-            raise ValueError(
-                f"observe_past must be an int >= 0 (steps of the past returned with each "
-                f"observation), got {self.observe_past!r}"
-            )
+        _check_steps(
+            "reconstruct_past",
+            self.reconstruct_past,
+            "steps of the past the state is trained to reconstruct",
+        )
+        _check_steps(
+            "observe_past", self.observe_past, "steps of the past returned with each observation"
+        )
         if self.seed is not None and not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         reserved = {"streams", "independent_params", "input_size"} & set(self.learner_kwargs)
@@ -149,6 +139,12 @@ class AgentStateSettings:
             "include_prev_reward": self.include_prev_reward,
             "learner_kwargs": dict(self.learner_kwargs),
         }
+
+
+def _check_steps(name: str, value: Any, meaning: str) -> None:
+    """Refuse a count of steps that is not an int >= 0 (bools included)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 ({meaning}), got {value!r}")
 
 
 def settings_from_options(learner: str, options: Mapping[str, Any]) -> AgentStateSettings:
