@@ -213,6 +213,11 @@ def test_agent_state_axes_make_variants_and_folder_names(tmp_path):
     assert runs[0].method.algorithm_kwargs == {"n_steps": 32, "batch_size": 64, "n_epochs": 1}
 
 
+@pytest.mark.parametrize("spec", sorted(path.name for path in HARNESS.glob("*.toml")))
+def test_every_committed_spec_expands_to_runs(spec):
+    assert harness.expand_spec(harness.load_spec(HARNESS / spec)).runs
+
+
 def test_the_wrapper_search_spec_expands():
     expansion = harness.expand_spec(harness.load_spec(HARNESS / "wrapper_search.toml"))
     variants = {run.variant for run in expansion.runs}
