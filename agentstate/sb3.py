@@ -47,7 +47,8 @@ SAVE_FORMAT = "agentstate.sb3/1"
 class AgentStateVecEnv(AgentStateControls, VecEnvWrapper):
     """SB3 ``VecEnvWrapper``: ONE learner for all N envs, one stream per env.
 
-    Each observation becomes ``[enc(o_t), h_t]`` as in ``agentstate.AgentStateWrapper``;
+    Each observation becomes ``[enc(o_t), enc(o_t-1), ..., enc(o_t-M), h_t]`` (M =
+    ``observe_past``, 3 by default) as in ``agentstate.AgentStateWrapper``;
     the N envs are N streams of one ``TDPredictor`` (shared parameters, averaged updates,
     one batched call per step). SB3 VecEnvs reset an env in the step that ends its episode;
     ``infos[i]["terminal_observation"]`` then holds the *augmented* terminal observation,

@@ -22,8 +22,10 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
     reward parts only if ``include_prev_action`` / ``include_prev_reward``), and a
     ``TDPredictor`` trains it online, by TD(lambda) over the learner's RTRL gradients, to
     predict the discounted future of the ``cumulants``. The returned observation is
-    ``[enc(o_t), h_t]`` (``include_observation=True``) or ``h_t``, float32, where ``enc``
-    flattens Box, one-hot encodes Discrete / MultiDiscrete and concatenates Dict / Tuple parts.
+    ``[enc(o_t), enc(o_t-1), ..., enc(o_t-M), h_t]``, float32, with M = ``observe_past``
+    earlier observations (3 by default, zeros before the episode began; ``enc(o_t)`` left out
+    if ``include_observation=False``), where ``enc`` flattens Box, one-hot encodes Discrete /
+    MultiDiscrete and concatenates Dict / Tuple parts.
 
     Episodes: ``reset`` starts a new episode (state, credit memory and traces reset); the
     last observation of an episode is learned from with discount 0 if it terminated, and
@@ -84,7 +86,8 @@ class AgentStateWrapper(AgentStateControls, gym.Wrapper, gym.utils.RecordConstru
             cumulants: ``"reward+observation"`` (default), ``"reward"``,
                 ``"observation"`` (one head per encoded observation component), or
                 ``(observation, reward, info) -> 1-D array``.
-            include_observation: return ``[enc(o_t), h_t]``; False returns ``h_t`` alone.
+            include_observation: the returned observation starts with ``enc(o_t)``; False
+                leaves it out (``h_t`` alone if ``observe_past`` is 0).
             include_prev_action: the learner's input carries the previous action.
             include_prev_reward: the learner's input carries the previous reward.
             gamma: discount of the predicted cumulants: one float, or one per head.

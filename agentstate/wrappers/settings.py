@@ -36,7 +36,8 @@ class AgentStateSettings:
     (one head per encoded observation component), ``"reward+observation"``, or a callable
     ``(observation, reward, info) -> 1-D array``."""
     include_observation: bool = True
-    """Return ``[encoded observation, agent state]``; False returns the agent state alone."""
+    """The returned observation starts with the encoded observation; False leaves it out
+    (the agent state alone if ``observe_past`` is 0)."""
     include_prev_action: bool = True
     """The learner's input carries the previous action (one-hot if discrete)."""
     include_prev_reward: bool = True
