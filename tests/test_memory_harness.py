@@ -6,6 +6,7 @@ import doctest
 import json
 import queue
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,14 @@ def test_every_committed_spec_expands_to_runs(spec):
 def test_the_wrapper_search_spec_expands():
     expansion = harness.expand_spec(harness.load_spec(HARNESS / "wrapper_search.toml"))
     variants = {run.variant for run in expansion.runs}
-    assert len(expansion.runs) == len(variants) * 5 * 3 and len(variants) >= 8
+    tasks_of = defaultdict(set)
+    for run in expansion.runs:
+        tasks_of[run.variant].add(run.task)
+    round_four = {"as_both_centred_observe3", "as_both_elstm_observe3", "as_both_observe3"}
+    round_four.add("as_both_centred_elstm_observe3")  # the defaults
+    assert {variant for variant, tasks in tasks_of.items() if len(tasks) == 15} == round_four
+    assert all(len(tasks) == 5 for variant, tasks in tasks_of.items() if variant not in round_four)
+    assert len(expansion.runs) == 3 * (5 * len(variants) + 10 * len(round_four))
     assert {"as_reconstruct", "as_both,step_size=0.003", "as_both_elstm"} <= variants
 
 
