@@ -394,6 +394,21 @@ def test_the_harness_runs_as_a_sweep_aggregates_and_skips_finished_runs(tmp_path
     assert done_times == {name: (out / name / "done.json").stat().st_mtime_ns for name in TINY_RUNS}
 
 
+def test_the_results_table_means_over_shared_tasks_and_over_all_tasks_where_run():
+    """A search's later round runs some variants on more tasks: one mean over the tasks
+    every variant ran, another over all of them for the variants that ran them all."""
+    returns = {("a", "wide"): 0.5, ("b", "wide"): 0.1, ("c", "wide"): -0.3, ("a", "narrow"): 0.9}
+    rows = [
+        {"task": task, "variant": variant, "seeds": 3, "eval_return_mean": value}
+        | {"eval_return_se": 0.01, "train_seconds_mean": 30.0, "train_seconds_se": 1.0}
+        for (task, variant), value in returns.items()
+    ]
+    markdown = results._markdown(rows, ["a", "b", "c"], ["narrow", "wide"], {}, [])
+    assert "| **mean over 1 tasks** | **0.900** | **0.500** |" in markdown
+    assert "| **mean over 3 tasks** | – | **0.100** |" in markdown
+    assert "| c | – | -0.30 ± 0.01 |" in markdown
+
+
 def test_a_run_that_fails_is_recorded_with_its_error_and_listed_apart(tmp_path):
     spec = write_spec(tmp_path, """
 [run]

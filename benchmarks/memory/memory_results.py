@@ -165,19 +165,25 @@ def _markdown(
     def suite_mean() -> list[str]:
         # The criterion for defaults: each variant's mean return over the tasks that every
         # variant finished (the same tasks for all, so that the means compare).
+        # Where some variants ran every task and others not, a second row: the mean over
+        # every task, for the variants that have them all.
         shared = [task for task in tasks if all((task, v) in cells for v in variants)]
         if not shared:
             return []
+        lines = [mean_row(shared, variants)]
+        complete = [v for v in variants if all((task, v) in cells for task in tasks)]
+        if len(shared) < len(tasks) and complete:
+            lines.append(mean_row(tasks, complete))
+        return [*lines, ""]
+
+    def mean_row(over: list[str], having: list[str]) -> str:
         means = [
-            np.mean([cells[(task, variant)]["eval_return_mean"] for task in shared])
-            for variant in variants
+            f"**{np.mean([cells[(task, v)]['eval_return_mean'] for task in over]):.3f}**"
+            if v in having
+            else "–"
+            for v in variants
         ]
-        return [
-            f"| **mean over {len(shared)} tasks** | "
-            + " | ".join(f"**{mean:.3f}**" for mean in means)
-            + " |",
-            "",
-        ]
+        return f"| **mean over {len(over)} tasks** | " + " | ".join(means) + " |"
 
     def with_se(mean: float, se: float, digits: int) -> str:
         spread = "" if math.isnan(se) else f" ± {se:.{digits}f}"
