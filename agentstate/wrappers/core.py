@@ -174,8 +174,8 @@ class AgentStateCore:
         ...                       settings=AgentStateSettings(seed=0))
         >>> batch = StepBatch(np.zeros((2, 3)), np.zeros(2), np.zeros(2, bool),
         ...                   np.zeros(2, bool), episode_start=np.ones(2, bool))
-        >>> core.step(batch).observations.shape  # 3 observed, 3 x 3 before, 16 eLSTM features
-        (2, 28)
+        >>> core.step(batch).observations.shape  # 3 observed, 3 x 3 before, 7 features
+        (2, 19)
     """
 
     def __init__(

@@ -2,8 +2,10 @@
 
 Reads ``benchmarks/results/memory_actor_critic/results.csv`` (every method under its current
 settings) and ``wrapper_previous_defaults/results.csv`` (the wrapper's runs under its
-previous defaults: an eLSTM with centred and reconstruction heads, no past shown; the first
-defaults' runs are in ``wrapper_first_defaults/``) and prints a markdown table: one row per
+previous defaults: an eLSTM with centred heads and the past shown; the second defaults'
+runs, an eLSTM with centred and reconstruction heads and no past shown, are in
+``wrapper_second_defaults/``, the first's, columnar and uncentred, in
+``wrapper_first_defaults/``) and prints a markdown table: one row per
 task (mean ± s.e. over 3 seeds, the best of a row in bold), the mean over the 15 tasks where
 a method has all of them, and the training seconds per run. A cell with fewer than 3
 finished seeds reads ``queued``.

@@ -68,7 +68,7 @@ class Config:
     reconstruct_past: int = 0
     observe_past: int = 0
     """Uncentred heads, no reconstruction heads, no past shown: the setting measured here
-    (the wrapper's defaults now centre the cumulants on an eLSTM and show the policy the
+    (the wrapper's defaults now centre the cumulants and show the policy the
     three observations before the current one)."""
 
 
