@@ -33,6 +33,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from agentstate.checkpoint import (
@@ -441,6 +442,7 @@ def _run(
         cumulants = torch.as_tensor(steps.cumulant, dtype=dtype).unsqueeze(-1)
         discounts = None if steps.discount is None else torch.as_tensor(steps.discount, dtype=dtype)
         starts = None if steps.episode_start is None else torch.as_tensor(steps.episode_start)
+        unscored: list[Tensor] = []  # predictions [B, K] of this chunk's unscored steps
         for t in range(chunk):
             learner_started = time.perf_counter()
             prediction = engine.step(
@@ -450,18 +452,19 @@ def _run(
                 episode_start=None if starts is None else starts[t],
             )
             timer.learner += time.perf_counter() - learner_started
-            predicted = prediction[:, 0].double().numpy()
+            step += 1
             if steps.target is not None:
-                target = steps.target[t]
-                log.update({"learner": (predicted - target) ** 2, "zero": target**2})
+                unscored.append(prediction)  # scored together at the next log point
             else:
                 assert scorer is not None and steps.discount is not None
-                predictions = {"learner": predicted, "zero": zero}
+                predictions = {"learner": prediction[:, 0].double().numpy(), "zero": zero}
                 predictions.update({name: values[t] for name, values in steps.references.items()})
                 for episode in scorer.update(predictions, steps.cumulant[t], steps.discount[t]):
                     log.add(episode)
-            step += 1
-            _advance_log(log, step, config, bar, on_log)
+            if step % config.log_every == 0 or step == config.steps:
+                _score_targets(log, unscored, steps.target, t + 1)
+                _advance_log(log, step, bar, on_log)
+        _score_targets(log, unscored, steps.target, chunk)
         bar.update(chunk)
         if checkpointer is not None and step % checkpointer.every == 0 and step < config.steps:
             checkpointer.save(step)
@@ -536,17 +539,34 @@ def stream_means(curve: np.ndarray) -> np.ndarray:
     return mean_and_standard_error(curve)[0]
 
 
+def _score_targets(
+    log: MetricLog, unscored: list[Tensor], targets: np.ndarray | None, end: int
+) -> None:
+    """Score ``unscored`` against the chunk's exact targets, in one vectorised update.
+
+    ``unscored`` holds the predictions ``[B, K]`` of the steps just before index ``end`` of
+    the chunk (``targets``: ``[chunk, B]``); it is emptied. Bit for bit what scoring each step
+    on its own gives.
+    """
+    if not unscored:
+        return
+    assert targets is not None
+    predicted = torch.stack(unscored)[:, :, 0].double().numpy()  # [n, B]
+    target = targets[end - len(unscored) : end]
+    log.update_many({"learner": (predicted - target) ** 2, "zero": target**2})
+    unscored.clear()
+
+
 def _advance_log(
     log: MetricLog,
     step: int,
-    config: RunConfig,
     bar: tqdm,
     on_log: Callable[[int, float], None] | None,
 ) -> None:
-    if step % config.log_every == 0 or step == config.steps:
-        log.record(step)
-        row = log.rows[-1]
-        msre = stream_mean(row["learner"])
-        bar.set_postfix(msre=f"{msre:.4g}", zero=f"{stream_mean(row['zero']):.4g}")
-        if on_log is not None:
-            on_log(step, msre)
+    """Record the log's row of ``step`` (a log point) and show it."""
+    log.record(step)
+    row = log.rows[-1]
+    msre = stream_mean(row["learner"])
+    bar.set_postfix(msre=f"{msre:.4g}", zero=f"{stream_mean(row['zero']):.4g}")
+    if on_log is not None:
+        on_log(step, msre)

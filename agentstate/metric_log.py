@@ -72,6 +72,14 @@ class MetricLog:
         for name, errors in squared_errors.items():
             self.all_streams[name].update(errors)
 
+    def update_many(self, squared_errors: dict[str, np.ndarray]) -> None:
+        """Every-step scoring: fold in n steps' squared errors ``[n, B]``, oldest first.
+
+        The same, bit for bit, as n calls to :meth:`update`.
+        """
+        for name, errors in squared_errors.items():
+            self.all_streams[name].update_many(errors)
+
     def add(self, episode: ScoredEpisode) -> None:
         """Episodic scoring: fold in the squared errors of one finished episode."""
         for name, errors in episode.squared_errors.items():

@@ -375,7 +375,7 @@ class SlidingMean:
             self._recompute_sum()
 
     def update_many(self, values: ArrayLike) -> None:
-        """Add n values in order, vectorised; the same as n calls to :meth:`update`.
+        """Add n values in order, vectorised; bit for bit the same as n calls to :meth:`update`.
 
         Args:
             values: shape [n, *shape], oldest first.
@@ -390,21 +390,24 @@ class SlidingMean:
                 f"values must have shape {_shape_text(('n', *self.shape))}; "
                 f"got shape {_shape_text(batch.shape)}"
             )
-        n_values = len(batch)
-        # Only the last `window` values can still be in the window.
-        kept = batch[-self.window :]
-        slots = (self._next_slot + n_values - len(kept) + np.arange(len(kept))) % self.window
-        if n_values >= self.window:
-            self._ring[slots] = kept
-            self._recompute_sum()
-        else:
-            self._window_sum += kept.sum(axis=0) - self._ring[slots].sum(axis=0)
-            self._ring[slots] = kept
-            self._updates_since_recompute += n_values
+        start = 0
+        while start < len(batch):
+            # Up to the next recompute of the sum, as update() does it, so that the window sum
+            # is bit-identical to n single updates: the slots of a piece are distinct and
+            # cumsum adds the differences one after another.
+            until_recompute = self.window - self._updates_since_recompute % self.window
+            piece = batch[start : start + until_recompute]
+            slots = (self._next_slot + np.arange(len(piece))) % self.window
+            differences = piece - self._ring[slots]
+            running = np.concatenate([self._window_sum[None], differences]).cumsum(axis=0)
+            self._window_sum = np.array(running[-1])
+            self._ring[slots] = piece
+            self._next_slot = (self._next_slot + len(piece)) % self.window
+            self._n_seen += len(piece)
+            self._updates_since_recompute += len(piece)
             if self._updates_since_recompute >= self.window:
                 self._recompute_sum()
-        self._next_slot = (self._next_slot + n_values) % self.window
-        self._n_seen += n_values
+            start += len(piece)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue exactly, as copies.

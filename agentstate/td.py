@@ -355,7 +355,8 @@ class TDPredictor:
                 TD error is formed from the previous episode's last prediction.
 
         Returns:
-            Predictions ``y_t: [B, n_cumulants]``, made before this step's update.
+            Predictions ``y_t: [B, n_cumulants]``, made before this step's update: a new
+            tensor, which later steps leave as it is.
         """
         learner = self.learner
         checked = self._fused is None  # the kernel's library checks finiteness, much cheaper
