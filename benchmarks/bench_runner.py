@@ -59,13 +59,13 @@ def time_case(fields: dict[str, Any], steps: int, streams: int) -> dict[str, flo
     return {"total": total, "td_step": td_step, "env": env, "rest": total - td_step - env}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--streams", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in CASES}
@@ -99,7 +99,8 @@ def main() -> None:
             "us_per_step": medians,
         }
         Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -76,3 +76,21 @@ def test_the_gpu_eager_step_check_times_every_learner_and_writes_its_table(tmp_p
     if device == "cuda":
         assert [row["streams"] for row in rows if "cpu_us_per_step" in row] == [2] * 4
     assert (tmp_path / "results.md").read_text().count("\n| ") == 1 + len(rows)
+
+
+def test_the_runner_benchmark_splits_every_case_into_its_parts(tmp_path):
+    """benchmarks/bench_runner.py, on a tiny budget: every case, parts that add up."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_runner.py"
+    spec = importlib.util.spec_from_file_location("bench_runner", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--steps", "300", "--streams", "2", "--repeats", "1"]
+    assert script.main([*argv, "--json", str(tmp_path / "runner.json")]) == 0
+    timings = json.loads((tmp_path / "runner.json").read_text())["us_per_step"]
+    assert list(timings) == list(script.CASES)
+    for parts in timings.values():
+        assert parts["td_step"] > 0 and parts["env"] > 0
+        assert parts["td_step"] + parts["env"] + parts["rest"] == pytest.approx(parts["total"])
