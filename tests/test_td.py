@@ -150,6 +150,23 @@ def test_equal_discounts_per_head_are_the_discount_per_stream(backend):
         assert torch.equal(engines[1].learner_traces[key], trace)
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_each_step_returns_a_new_tensor_that_later_steps_leave_alone(backend):
+    """The runner keeps a log interval's predictions and scores them together."""
+    if backend == "fused" and fused.load_kernel(COLUMNS_KERNEL) is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built")
+    inputs, cumulants = random_stream(20)
+    engine = TDPredictor(make_learner(), 1, TDConfig(backend=backend))
+    kept, copies = [], []
+    for t in range(20):
+        prediction = engine.step(inputs[t], cumulants[t])
+        kept.append(prediction)
+        copies.append(prediction.clone())
+    assert len({tensor.data_ptr() for tensor in kept}) == len(kept)
+    assert all(torch.equal(tensor, copy) for tensor, copy in zip(kept, copies, strict=True))
+    assert not torch.equal(kept[0], kept[-1])  # the predictions did change
+
+
 def test_a_discount_of_the_wrong_shape_is_refused_with_both_shapes_named():
     engine = TDPredictor(make_learner(), 2, TDConfig())
     x = torch.zeros(STREAMS, INPUTS, dtype=torch.float64)
