@@ -67,15 +67,10 @@ class MetricLog:
         self.steps: list[int] = []
         self.rows: list[dict[str, np.ndarray]] = []
 
-    def update(self, squared_errors: dict[str, np.ndarray]) -> None:
-        """Every-step scoring: fold in one step's squared error ``[B]`` of each predictor."""
-        for name, errors in squared_errors.items():
-            self.all_streams[name].update(errors)
-
     def update_many(self, squared_errors: dict[str, np.ndarray]) -> None:
         """Every-step scoring: fold in n steps' squared errors ``[n, B]``, oldest first.
 
-        The same, bit for bit, as n calls to :meth:`update`.
+        The same, bit for bit, as folding them in one step at a time.
         """
         for name, errors in squared_errors.items():
             self.all_streams[name].update_many(errors)
