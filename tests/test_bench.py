@@ -79,7 +79,7 @@ def test_the_gpu_eager_step_check_times_every_learner_and_writes_its_table(tmp_p
 
 
 def test_the_runner_benchmark_splits_every_case_into_its_parts(tmp_path):
-    """benchmarks/bench_runner.py, on a tiny budget: every case, parts that add up."""
+    """benchmarks/bench_runner.py, on a tiny budget: every case, split into disjoint parts."""
     import importlib.util
     from pathlib import Path
 
@@ -93,4 +93,5 @@ def test_the_runner_benchmark_splits_every_case_into_its_parts(tmp_path):
     assert list(timings) == list(script.CASES)
     for parts in timings.values():
         assert parts["td_step"] > 0 and parts["env"] > 0
-        assert parts["td_step"] + parts["env"] + parts["rest"] == pytest.approx(parts["total"])
+        assert parts["td_step"] + parts["env"] < parts["total"]  # timed apart, inside the loop
+        assert parts["rest"] > 0
