@@ -395,6 +395,8 @@ class SlidingMean:
             # Up to the next recompute of the sum, as update() does it, so that the window sum
             # is bit-identical to n single updates: the slots of a piece are distinct and
             # cumsum adds the differences one after another.
+            # (The counter stays below window; the modulo only keeps a piece non-empty if a
+            # test disables the recompute.)
             until_recompute = self.window - self._updates_since_recompute % self.window
             piece = batch[start : start + until_recompute]
             slots = (self._next_slot + np.arange(len(piece))) % self.window
