@@ -414,6 +414,50 @@ def test_the_results_table_means_over_shared_tasks_and_over_all_tasks_where_run(
     assert "| c | – | -0.30 ± 0.01 |" in markdown
 
 
+def test_later_runs_replace_their_cells_of_the_committed_results_and_leave_the_rest(tmp_path):
+    """A suite that spans sessions: the cells a later sweep aggregates replace the same cells
+    of the committed results.csv, byte for byte the rest stays, and results.md follows."""
+
+    def row(task, variant, value, seeds=3):
+        return {"task": task, "variant": variant, "seeds": seeds, "eval_return_mean": value} | {
+            "eval_return_se": 0.01,
+            "train_seconds_mean": 30.5,
+            "train_seconds_se": 1.25,
+            "env_steps": 100000,
+            "steps_per_second_mean": 3278.6885245901637,
+        }
+
+    committed = [
+        row("RepeatPreviousEasy", "ppo", -0.48),
+        row("RepeatPreviousEasy", "recurrent_ppo", 0.1, seeds=1),
+        row("CueMemory", "ppo", 0.05),
+    ]
+    with (tmp_path / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, results.RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(committed)
+    before = (tmp_path / "results.csv").read_text().splitlines()
+    later = [
+        row("RepeatPreviousEasy", "recurrent_ppo", 0.98),
+        row("CueMemory", "recurrent_ppo", 0.6),
+    ]
+
+    results.merge_into(tmp_path, later)
+
+    after = (tmp_path / "results.csv").read_text().splitlines()
+    assert [line.split(",")[:4] for line in after[1:]] == [
+        ["RepeatPreviousEasy", "ppo", "3", "-0.48"],
+        ["RepeatPreviousEasy", "recurrent_ppo", "3", "0.98"],
+        ["CueMemory", "ppo", "3", "0.05"],
+        ["CueMemory", "recurrent_ppo", "3", "0.6"],
+    ]
+    assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| RepeatPreviousEasy | -0.48 ± 0.01 | 0.98 ± 0.01 |" in markdown
+    with pytest.raises(FileNotFoundError, match="merge into a folder of results"):
+        results.merge_into(tmp_path / "nowhere", later)
+
+
 def test_a_run_that_fails_is_recorded_with_its_error_and_listed_apart(tmp_path):
     spec = write_spec(tmp_path, """
 [run]

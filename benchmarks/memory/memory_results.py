@@ -131,6 +131,45 @@ def aggregate(out_dir: str | os.PathLike[str], to: str | os.PathLike[str] | None
     }
 
 
+def merge_into(results_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Put aggregated ``rows`` into the committed tables of ``results_dir``.
+
+    For a suite whose runs span sessions on fresh machines: the cells aggregated from a later
+    sweep's runs replace the same (task, variant) cells of ``results_dir/results.csv`` and the
+    other cells stay; ``results.md`` is rewritten from the merged rows. ``curves.png`` there
+    is left alone (its runs are not here to plot); the later runs' curves are where
+    ``aggregate`` wrote them.
+
+    Returns:
+        The path of the merged ``results.csv``.
+    """
+    target = Path(results_dir) / "results.csv"
+    if not target.exists():
+        raise FileNotFoundError(f"{target} does not exist: merge into a folder of results")
+    with target.open(newline="") as handle:
+        kept = {(row["task"], row["variant"]): _typed(row) for row in csv.DictReader(handle)}
+    kept.update({(row["task"], row["variant"]): dict(row) for row in rows})
+    merged = list(kept.values())
+    tasks = _ordered({row["task"] for row in merged})
+    variants = _ordered({row["variant"] for row in merged})
+    merged.sort(key=lambda row: (tasks.index(row["task"]), variants.index(row["variant"])))
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(merged)
+    (target.parent / "results.md").write_text(_markdown(merged, tasks, variants, {}, []))
+    return target
+
+
+def _typed(row: Mapping[str, str]) -> dict[str, Any]:
+    """A ``results.csv`` row with its numbers as numbers."""
+    integers = {"seeds", "env_steps"}
+    return {
+        key: value if key in ("task", "variant") else (int if key in integers else float)(value)
+        for key, value in row.items()
+    }
+
+
 def _ordered(names: set[str]) -> list[str]:
     """Built-in method and task order first (as in the suite), then the rest sorted."""
     order = [*BUILTIN_METHODS, *popgym_easy_tasks(), CUE_TASK]

@@ -2,6 +2,7 @@
 
     python benchmarks/memory/run.py sweep benchmarks/memory/suite.toml --out runs/memory
     python benchmarks/memory/run.py results runs/memory
+    python benchmarks/memory/run.py results runs/more --to DIR/more --merge-into DIR
     python benchmarks/memory/run.py timing runs/memory-timing --steps 100000
     python benchmarks/memory/run.py tasks
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from memory_harness import run_bench
-from memory_results import aggregate, timing_table
+from memory_results import aggregate, merge_into, timing_table
 from memory_tasks import CUE_TASK, describe_tasks, popgym_easy_tasks
 
 from agentstate.sweep import BACKENDS
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     results = commands.add_parser("results", help="write results.csv, results.md, curves.png")
     results.add_argument("out", help="a sweep's output folder")
     results.add_argument("--to", help="folder for the three files (default: OUT)")
+    results.add_argument(
+        "--merge-into",
+        help="a folder of committed results whose cells the runs of OUT replace "
+        "(for a suite that spans sessions)",
+    )
     timing = commands.add_parser("timing", help="extrapolate short runs' wall-clock")
     timing.add_argument("out", help="a sweep's output folder (e.g. of timing.toml)")
     timing.add_argument("--steps", type=int, default=100_000, help="target env steps")
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "results":
         summary = aggregate(args.out, args.to)
         print("wrote " + ", ".join(map(str, summary["paths"])))
+        if args.merge_into:
+            print(f"merged into {merge_into(args.merge_into, summary['rows'])}")
     elif args.command == "timing":
         print(timing_table(args.out, args.steps), end="")
     else:
