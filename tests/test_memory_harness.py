@@ -456,6 +456,9 @@ def test_later_runs_replace_their_cells_of_the_committed_results_and_leave_the_r
     assert "| RepeatPreviousEasy | -0.48 ± 0.01 | 0.98 ± 0.01 |" in markdown
     with pytest.raises(FileNotFoundError, match="merge into a folder of results"):
         results.merge_into(tmp_path / "nowhere", later)
+    with pytest.raises(ValueError, match="1 seeds would replace the 3"):
+        results.merge_into(tmp_path, [row("CueMemory", "ppo", 0.9, seeds=1)])
+    assert (tmp_path / "results.csv").read_text().splitlines() == after
 
 
 def test_a_run_that_fails_is_recorded_with_its_error_and_listed_apart(tmp_path):

@@ -142,12 +142,24 @@ def merge_into(results_dir: str | os.PathLike[str], rows: Sequence[Mapping[str, 
 
     Returns:
         The path of the merged ``results.csv``.
+
+    Raises:
+        ValueError: if a later cell has fewer seeds than the committed one it would replace
+            (seeds would be lost: copy the earlier run folders into the sweep's folder).
     """
     target = Path(results_dir) / "results.csv"
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist: merge into a folder of results")
     with target.open(newline="") as handle:
         kept = {(row["task"], row["variant"]): _typed(row) for row in csv.DictReader(handle)}
+    for row in rows:
+        earlier = kept.get((row["task"], row["variant"]))
+        if earlier is not None and row["seeds"] < earlier["seeds"]:
+            raise ValueError(
+                f"{row['task']} / {row['variant']}: {row['seeds']} seeds would replace the "
+                f"{earlier['seeds']} of {target}; put the earlier runs' folders into the "
+                "sweep's folder and aggregate them together"
+            )
     kept.update({(row["task"], row["variant"]): dict(row) for row in rows})
     merged = list(kept.values())
     tasks = _ordered({row["task"] for row in merged})
