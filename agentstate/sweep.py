@@ -32,8 +32,11 @@ Each run writes into ``OUT/<name>``, where the name lists the point's grid value
 (``learner=columnar,step_size=0.003``), and drops ``done.json`` (atomically) when it
 finishes. Running the sweep again skips runs with a ``done.json`` and resumes the others from
 their checkpoints, so a crashed sweep, or a lost Ray node, costs at most one checkpoint
-period per run. On a multi-node Ray cluster, OUT must be on a file system every node shares,
-and agentstate installed on every node.
+period per run. A run claims its folder while it runs (``agentstate.run_claim``), so two
+sweeps over one folder (one per core, say) share out its runs: a run another live sweep is
+running is left to it and reported as running elsewhere, not run twice. On a multi-node
+Ray cluster, OUT must be on a file system every node shares, and agentstate installed on
+every node.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import os
 import queue
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +67,7 @@ from agentstate.checkpoint import atomic_write_bytes, describe_differences, save
 from agentstate.experiment import CHECKPOINT_NAME, RunConfig, run_experiment, run_identity
 from agentstate.metrics import mean_and_standard_error
 from agentstate.registry import get_registry
+from agentstate.run_claim import RunClaimedElsewhere, claim_run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,6 +134,8 @@ class SweepReport:
     """Runs already finished before this call (a matching ``done.json``)."""
     failed: dict[str, str]
     """Run name -> error message."""
+    elsewhere: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Run name -> the live process of another sweep that runs it (or finished it)."""
 
 
 def load_spec(path: str | os.PathLike[str]) -> SweepSpec:
@@ -245,39 +252,51 @@ def _format_value(value: Any) -> str:
     return text.replace("/", "-").replace(" ", "")
 
 
-def execute_run(run: SweepRun, out_root: str, progress: Any) -> RunOutcome:
+def execute_run(
+    run: SweepRun, out_root: str, progress: Any, sweep_id: str | None = None
+) -> RunOutcome:
     """Run (or resume) one sweep run in this process and mark it done.
 
-    This is the task both backends execute. It reports ``(name, step)`` on ``progress``
-    (anything with ``put``) when it starts and at every log point.
+    This is the task both backends execute. It claims the run's folder for its whole
+    length and reports ``(name, step)`` on ``progress`` (anything with ``put``) when it
+    starts and at every log point.
 
     Args:
         run: the run.
         out_root: the sweep's output folder (absolute: Ray workers run elsewhere).
         progress: a queue shared with the sweep driver.
+        sweep_id: the sweep's id (its earlier attempts' claims are taken over); None: a
+            call of its own.
 
     Returns:
         The run's final figures.
+
+    Raises:
+        RunClaimedElsewhere: if another live sweep runs this run, or finished it after
+            this sweep listed it as unfinished.
     """
     torch.set_num_threads(run.cpus)
     out = Path(out_root) / run.name
-    progress.put((run.name, saved_step(out / CHECKPOINT_NAME) or 0))
-    result = run_experiment(
-        run.config,
-        out,
-        progress=False,
-        on_log=lambda step, _: progress.put((run.name, step)),
-        checkpoint_every=run.checkpoint_every,
-        resume=True,
-    )
-    marker = {
-        **run_identity(run.config),
-        "final_msre": result.final_msre.tolist(),
-        "final_msre_zero": result.final_msre_zero.tolist(),
-        "steps_per_second": result.steps_per_second,
-        "first_step": result.first_step,
-    }
-    atomic_write_bytes(out / DONE_NAME, json.dumps(marker, indent=2).encode())
+    with claim_run(out, sweep_id or uuid.uuid4().hex):
+        if is_finished(run, Path(out_root)):
+            raise RunClaimedElsewhere(f"{out} was finished by another sweep meanwhile")
+        progress.put((run.name, saved_step(out / CHECKPOINT_NAME) or 0))
+        result = run_experiment(
+            run.config,
+            out,
+            progress=False,
+            on_log=lambda step, _: progress.put((run.name, step)),
+            checkpoint_every=run.checkpoint_every,
+            resume=True,
+        )
+        marker = {
+            **run_identity(run.config),
+            "final_msre": result.final_msre.tolist(),
+            "final_msre_zero": result.final_msre_zero.tolist(),
+            "steps_per_second": result.steps_per_second,
+            "first_step": result.first_step,
+        }
+        atomic_write_bytes(out / DONE_NAME, json.dumps(marker, indent=2).encode())
     mean, standard_error = mean_and_standard_error(result.final_msre[None])
     return RunOutcome(
         run.name,
@@ -331,7 +350,7 @@ def run_sweep(
         log: where the one line per finished run goes.
 
     Returns:
-        The finished, skipped and failed runs.
+        The finished, skipped and failed runs, and those another live sweep runs.
 
     Raises:
         ValueError: on a bad spec, an unknown learner or env, or a run folder that holds a
@@ -387,7 +406,8 @@ def _drive(
     log: Callable[[str], None],
 ) -> None:
     """Submit every pending run, then follow progress until each has finished or failed."""
-    handles = {pool.submit(run, str(out_root)): run for run in pending}
+    sweep_id = uuid.uuid4().hex
+    handles = {pool.submit(run, str(out_root), sweep_id): run for run in pending}
     last_step: dict[str, int] = {}
     steps_done = 0
     runs_done = done_before
@@ -409,6 +429,9 @@ def _drive(
                 steps_done += run.config.steps - reported_step
                 report.finished.append(outcome)
                 log(f"{position} {run.name}: {_describe_outcome(outcome)}")
+            elif isinstance(outcome, RunClaimedElsewhere):
+                report.elsewhere[run.name] = str(outcome)
+                log(f"{position} {run.name}: left to another sweep: {outcome}")
             else:
                 report.failed[run.name] = str(outcome)
                 log(f"{position} {run.name}: FAILED: {outcome}")
@@ -457,8 +480,10 @@ class _LocalPool:
             workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
         )
 
-    def submit(self, run: SweepRun, out_root: str) -> concurrent.futures.Future[RunOutcome]:
-        return self._executor.submit(execute_run, run, out_root, self._progress)
+    def submit(
+        self, run: SweepRun, out_root: str, sweep_id: str
+    ) -> concurrent.futures.Future[RunOutcome]:
+        return self._executor.submit(execute_run, run, out_root, self._progress, sweep_id)
 
     def wait(
         self, futures: list[concurrent.futures.Future[RunOutcome]], timeout: float
@@ -507,13 +532,13 @@ class _RayCluster:
         self._task = ray.remote(execute_run)
         self._max_retries = max_retries
 
-    def submit(self, run: SweepRun, out_root: str) -> Any:
+    def submit(self, run: SweepRun, out_root: str, sweep_id: str) -> Any:
         return self._task.options(
             num_cpus=run.cpus,
             max_retries=self._max_retries,
             retry_exceptions=[OSError],
             name=run.name,
-        ).remote(run, out_root, self._progress)
+        ).remote(run, out_root, self._progress, sweep_id)
 
     def wait(self, refs: list[Any], timeout: float) -> list[tuple[Any, RunOutcome | BaseException]]:
         """Tasks finished within ``timeout`` seconds, each with its outcome or error."""

@@ -27,6 +27,8 @@ from gymnasium import spaces  # noqa: E402
 from popgym.envs import ALL_EASY  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
 
+from agentstate.run_claim import RunClaimedElsewhere, claim_run  # noqa: E402
+
 # Rollouts of 32 x 8 = 256 steps, so that a tiny budget still trains.
 TINY_SPEC = """
 [sweep]
@@ -334,6 +336,15 @@ def test_a_run_keeps_the_budget_trains_whole_rollouts_and_writes_its_folder(tmp_
     episodes = read_rows(out / "episodes.csv")
     assert len(episodes) == sum(int(row["train_episodes"]) for row in rows) > 0
     assert {float(row["return"]) for row in episodes} <= {-1.0, 1.0}
+
+
+def test_a_run_another_live_sweep_holds_is_left_alone(tmp_path):
+    run = tiny_run(tmp_path)
+    out = tmp_path / run.name
+    with claim_run(out, "another-sweep"):  # this process stands in for the other sweep
+        with pytest.raises(RunClaimedElsewhere, match="another-sweep"):
+            harness.execute_bench_run(run, str(tmp_path), queue.Queue(), "this-sweep")
+        assert sorted(path.name for path in out.iterdir()) == ["running.json"]
 
 
 def test_on_policy_runs_stop_inside_the_rollout_that_would_pass_the_budget(tmp_path):

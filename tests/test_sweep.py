@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agentstate.experiment import CHECKPOINT_NAME, RunConfig, run_experiment
+from agentstate.run_claim import RunClaimedElsewhere
 from agentstate.sweep import DONE_NAME, execute_run, expand_spec, load_spec, run_sweep
 
 TINY_SPEC = """
@@ -246,3 +247,48 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+HOLD_CLAIM = """
+import sys, time
+from agentstate.run_claim import claim_run
+with claim_run(sys.argv[1], "another-sweep"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.expensive
+def test_a_run_another_live_sweep_holds_is_left_to_it(tmp_path):
+    """Two sweeps over one folder: the run the other one is running is not run twice."""
+    spec_path = write_spec(tmp_path, TINY_SPEC)
+    out = tmp_path / "out"
+    held, free = TINY_RUNS
+    other_sweep = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CLAIM, str(out / held)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other_sweep.stdout.readline().strip() == "held"
+        report = run_sweep(spec_path, out, workers=2, progress=False, log=print)
+        assert [outcome.name for outcome in report.finished] == [free]
+        assert list(report.elsewhere) == [held] and not report.failed
+        assert f"pid {other_sweep.pid}" in report.elsewhere[held]
+        assert not (out / held / DONE_NAME).exists() and not (out / held / "metrics.csv").exists()
+    finally:
+        other_sweep.kill()
+        other_sweep.wait()
+    # Its sweep died without finishing it: the next sweep takes the stale claim over.
+    report = run_sweep(spec_path, out, workers=2, progress=False, log=print)
+    assert [outcome.name for outcome in report.finished] == [held] and report.skipped == [free]
+    assert (out / held / DONE_NAME).exists() and not (out / held / "running.json").exists()
+
+
+def test_a_run_finished_by_another_sweep_meanwhile_is_not_run_again(finished_in_process):
+    """Listed as unfinished by this sweep, finished by another before this one claimed it."""
+    spec_path, out, _ = finished_in_process
+    run = expand_spec(load_spec(spec_path))[0]
+    metrics = (out / run.name / "metrics.csv").read_bytes()
+    with pytest.raises(RunClaimedElsewhere, match="finished by another sweep meanwhile"):
+        execute_run(run, str(out), queue.Queue())
+    assert (out / run.name / "metrics.csv").read_bytes() == metrics
+    assert not (out / run.name / "running.json").exists()

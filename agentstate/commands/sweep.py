@@ -14,7 +14,8 @@ def add_parser(verbs: Any) -> None:
         "sweep",
         help="run a grid of experiments (learners x step sizes x seeds ...) from a TOML spec",
         description="Run every grid point of SPEC in its own folder under --out; finished runs "
-        "are skipped and unfinished ones resume from their checkpoints when run again.",
+        "are skipped and unfinished ones resume from their checkpoints when run again. Two "
+        "sweeps may share --out: a run one of them is running, the other leaves to it.",
     )
     sweep.add_argument("spec", help="TOML spec: [sweep] options, [run] base options, [grid]")
     sweep.add_argument("--out", required=True, help="output folder, one sub-folder per run")
@@ -53,6 +54,7 @@ def handle(args: argparse.Namespace) -> int:
     )
     print(
         f"sweep {args.out}: {len(report.finished)} runs finished, {len(report.skipped)} "
-        f"already done, {len(report.failed)} failed"
+        f"already done, {len(report.failed)} failed, {len(report.elsewhere)} left to "
+        "another sweep"
     )
     return 1 if report.failed else 0

@@ -15,7 +15,9 @@ policy every ``eval_every`` steps and at the end, and writes::
 
 Running the spec again skips runs with a matching ``done.json`` and starts the others
 afresh: a killed run restarts from step 0 (one run takes minutes; a bit-exact resume would
-need SB3's rollout or replay buffer and every env's state).
+need SB3's rollout or replay buffer and every env's state). A run claims its folder while it
+runs (``agentstate.run_claim``), so two sweeps over one folder share out its runs instead of
+running one twice.
 
 Spec::
 
@@ -52,6 +54,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +85,7 @@ from tqdm import tqdm
 from agentstate import sweep
 from agentstate.checkpoint import atomic_write_bytes, describe_differences
 from agentstate.registry import make_learner
+from agentstate.run_claim import RunClaimedElsewhere, claim_run
 from agentstate.sb3 import AgentStateVecEnv
 from agentstate.td import TDConfig
 from agentstate.wrappers.settings import AgentStateSettings, settings_from_options
@@ -508,60 +512,71 @@ def versions() -> dict[str, str]:
     return found
 
 
-def execute_bench_run(run: BenchRun, out_root: str, progress: Any) -> dict[str, Any]:
+def execute_bench_run(
+    run: BenchRun, out_root: str, progress: Any, sweep_id: str | None = None
+) -> dict[str, Any]:
     """Train, evaluate and record one run in this process, then mark it done.
 
     The task both backends execute (``agentstate.sweep``'s pools call it with a progress
-    queue, on which it puts ``(name, step)`` at every evaluation). A folder left by a killed
-    run is overwritten from step 0.
+    queue, on which it puts ``(name, step)`` at every evaluation). It claims the run's folder
+    for its whole length (``sweep_id``: the sweep's id; None, a call of its own). A folder left
+    by a killed run is overwritten from step 0.
 
     Returns:
         The ``done.json`` content.
+
+    Raises:
+        RunClaimedElsewhere: if another live sweep runs this run, or finished it after this
+            sweep listed it as unfinished.
     """
     torch.set_num_threads(run.cpus)
     out = Path(out_root) / run.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FAILED_NAME).unlink(missing_ok=True)  # a rerun of a run that failed before
-    progress.put((run.name, 0))
-    config = {**run.identity(), "name": run.name, "versions": versions(), "cpus": run.cpus}
-    atomic_write_bytes(out / CONFIG_NAME, json.dumps(config, indent=2).encode())
+    with claim_run(out, sweep_id or uuid.uuid4().hex):
+        if is_finished(run, Path(out_root)):
+            raise RunClaimedElsewhere(f"{out} was finished by another sweep meanwhile")
+        (out / FAILED_NAME).unlink(missing_ok=True)  # a rerun of a run that failed before
+        progress.put((run.name, 0))
+        config = {**run.identity(), "name": run.name, "versions": versions(), "cpus": run.cpus}
+        atomic_write_bytes(out / CONFIG_NAME, json.dumps(config, indent=2).encode())
 
-    started = time.perf_counter()
-    venv = make_venv(run, run.method.n_envs, SEED_STRIDE * run.seed)
-    evaluate = _Evaluator(run, venv)
-    algorithm = algorithm_class(run.method.algorithm)
-    options = {"device": "cpu", "verbose": 0, **run.method.algorithm_kwargs}
-    if run.method.algorithm == "RTRLActorCritic":  # its env comes first, its policy is fixed
-        model = algorithm(venv, seed=run.seed, torch_threads=run.cpus, **options)
-    else:
-        model = algorithm(run.method.policy, venv, seed=run.seed, **options)
-    venv.seed(SEED_STRIDE * run.seed)  # after SB3's own env.seed(seed), before learn's reset
-    setup_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        venv = make_venv(run, run.method.n_envs, SEED_STRIDE * run.seed)
+        evaluate = _Evaluator(run, venv)
+        algorithm = algorithm_class(run.method.algorithm)
+        options = {"device": "cpu", "verbose": 0, **run.method.algorithm_kwargs}
+        if run.method.algorithm == "RTRLActorCritic":  # its env comes first, its policy is fixed
+            model = algorithm(venv, seed=run.seed, torch_threads=run.cpus, **options)
+        else:
+            model = algorithm(run.method.policy, venv, seed=run.seed, **options)
+        venv.seed(SEED_STRIDE * run.seed)  # after SB3's own env.seed(seed), before learn's reset
+        setup_seconds = time.perf_counter() - started
 
-    record = RunRecord(out, evaluate)
-    try:
-        callback = BudgetAndCurve(run.settings, record, lambda step: progress.put((run.name, step)))
-        model.learn(total_timesteps=run.settings.steps, callback=callback)
-        train_seconds = record.train_seconds()
-        final = evaluate(model, run.settings.eval_episodes)
-        record.evaluation(model.num_timesteps, final, train_seconds)
-    finally:
-        record.close()
-    progress.put((run.name, run.settings.steps))
+        record = RunRecord(out, evaluate)
+        try:
+            callback = BudgetAndCurve(
+                run.settings, record, lambda step: progress.put((run.name, step))
+            )
+            model.learn(total_timesteps=run.settings.steps, callback=callback)
+            train_seconds = record.train_seconds()
+            final = evaluate(model, run.settings.eval_episodes)
+            record.evaluation(model.num_timesteps, final, train_seconds)
+        finally:
+            record.close()
+        progress.put((run.name, run.settings.steps))
 
-    marker = {
-        **run.identity(),
-        "eval_return": final[0],
-        "eval_return_std": final[1],
-        "eval_episodes": final[2],
-        "env_steps": int(model.num_timesteps),
-        "train_seconds": train_seconds,
-        "eval_seconds": evaluate.seconds,
-        "setup_seconds": setup_seconds,
-        "steps_per_second": model.num_timesteps / train_seconds,
-    }
-    atomic_write_bytes(out / DONE_NAME, json.dumps(marker, indent=2).encode())
-    return marker
+        marker = {
+            **run.identity(),
+            "eval_return": final[0],
+            "eval_return_std": final[1],
+            "eval_episodes": final[2],
+            "env_steps": int(model.num_timesteps),
+            "train_seconds": train_seconds,
+            "eval_seconds": evaluate.seconds,
+            "setup_seconds": setup_seconds,
+            "steps_per_second": model.num_timesteps / train_seconds,
+        }
+        atomic_write_bytes(out / DONE_NAME, json.dumps(marker, indent=2).encode())
+        return marker
 
 
 # ---------------------------------------------------------------------- specs
@@ -772,8 +787,8 @@ def _as_run(identity: dict[str, Any]) -> dict[str, Any]:
 class _LocalPool(sweep._LocalPool):
     """``agentstate.sweep``'s process pool (spawn), running ``execute_bench_run``."""
 
-    def submit(self, run: BenchRun, out_root: str) -> Any:  # type: ignore[override]
-        return self._executor.submit(execute_bench_run, run, out_root, self._progress)
+    def submit(self, run: BenchRun, out_root: str, sweep_id: str) -> Any:  # type: ignore[override]
+        return self._executor.submit(execute_bench_run, run, out_root, self._progress, sweep_id)
 
 
 class _RayCluster(sweep._RayCluster):
@@ -799,6 +814,8 @@ class BenchReport:
     failed: dict[str, str]
     """Run name -> error."""
     not_applicable: list[str]
+    elsewhere: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Run name -> the live process of another sweep that runs it (or finished it)."""
 
 
 def run_bench(
@@ -848,7 +865,8 @@ def run_bench(
         else _RayCluster(workers * spec.cpus_per_run, address, spec.max_retries)
     )
     try:
-        handles = {pool.submit(run, str(out_root)): run for run in pending}
+        sweep_id = uuid.uuid4().hex
+        handles = {pool.submit(run, str(out_root), sweep_id): run for run in pending}
         bar = tqdm(
             total=len(expansion.runs), initial=len(skipped), unit="run", disable=not progress
         )
@@ -860,7 +878,10 @@ def run_bench(
             for handle, outcome in pool.wait(list(handles), _POLL_SECONDS):
                 run = handles.pop(handle)
                 bar.update(1)
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, RunClaimedElsewhere):
+                    report.elsewhere[run.name] = str(outcome)
+                    log(f"{run.name}: left to another sweep: {outcome}")
+                elif isinstance(outcome, BaseException):
                     report.failed[run.name] = f"{type(outcome).__name__}: {outcome}"
                     log(f"{run.name}: FAILED: {report.failed[run.name]}")
                     folder = out_root / run.name

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             f"{len(report.finished)} finished, {len(report.skipped)} skipped, "
-            f"{len(report.failed)} failed, {len(report.not_applicable)} not applicable"
+            f"{len(report.failed)} failed, {len(report.not_applicable)} not applicable, "
+            f"{len(report.elsewhere)} left to another sweep"
         )
         if report.failed:
             raise SystemExit(1)
