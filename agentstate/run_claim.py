@@ -56,7 +56,7 @@ def claim_run(folder: str | os.PathLike[str], sweep_id: str) -> Iterator[None]:
     mine = _claim_record(sweep_id)
     pending = _write_private(folder, mine)
     try:
-        _acquire(claim, pending, mine, sweep_id)
+        _acquire(claim, pending, mine["claim"], sweep_id)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pending)
@@ -74,7 +74,7 @@ def read_claim(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
-def _acquire(claim: Path, pending: Path, mine: dict[str, Any], sweep_id: str) -> None:
+def _acquire(claim: Path, pending: Path, claim_id: str, sweep_id: str) -> None:
     for _ in range(_ATTEMPTS):
         try:
             os.link(pending, claim)
@@ -86,7 +86,7 @@ def _acquire(claim: Path, pending: Path, mine: dict[str, Any], sweep_id: str) ->
             continue
         if not _is_stale(holder, sweep_id):
             raise RunClaimedElsewhere(_describe_holder(claim, holder))
-        _take_over_stale(claim, holder, mine["claim"])
+        _take_over_stale(claim, holder, claim_id)
     raise RunClaimedElsewhere(
         f"{claim.parent}: its claim changed hands {_ATTEMPTS} times while this process tried "
         "to take it; another sweep is starting this run"
